@@ -1,0 +1,88 @@
+"""Attention building blocks shared by the methods: shapes, masks, the dense reference, cache byte counts.
+
+Conventions (transformers' attention-function contract): `query` [B, H, Tq, D], `key`/`value` [B, Hkv, Tk, D]
+after the cache update, boolean `mask` [B, 1, Tq, Tk] with True = attend, and an attention function returns
+([B, Tq, H, D], weights-or-None). Always use the `scaling` argument: OPT pre-scales q and passes scaling=1.0.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+
+@dataclass(frozen=True)
+class AttnShape:
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, config) -> "AttnShape":
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        return cls(config.num_hidden_layers, heads, kv_heads, head_dim)
+
+    @property
+    def groups(self) -> int:
+        return self.heads // self.kv_heads
+
+    def kv_of_query(self, device=None) -> torch.Tensor:
+        """[H] index of the KV head each query head reads (GQA: consecutive query heads share one)."""
+        return torch.arange(self.heads, device=device) // self.groups
+
+    def dense_kv_bytes_per_token(self, dtype_bytes: int) -> dict:
+        per_tensor = self.layers * self.kv_heads * self.head_dim * dtype_bytes
+        return {"k": per_tensor, "v": per_tensor}
+
+
+def bool_causal_mask(*args, **kwargs):
+    """Mask function for custom attention names: always a boolean [B, 1, Tq, Tk] mask (True = attend), never the
+    `None` + is_causal shortcut, because our functions slice rows and need the mask explicitly."""
+    kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(*args, **kwargs)
+
+
+def additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | float:
+    """Boolean mask -> additive bias (0 / -inf-ish) in `dtype`; None -> 0."""
+    if mask is None:
+        return 0.0
+    if mask.dtype != torch.bool:
+        return mask.to(dtype)
+    return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def repeat_heads(states: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, Hkv, T, D] -> [B, Hkv * groups, T, D], each KV head repeated for the query heads of its group."""
+    return states if groups == 1 else states.repeat_interleave(groups, dim=1)
+
+
+def attention_probs(query, key, mask, scaling) -> torch.Tensor:
+    """softmax(q k^T * scaling + mask) in float32. query [B, H, Tq, D], key [B, H, Tk, D] -> [B, H, Tq, Tk]."""
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
+    return torch.softmax(scores + additive(mask, torch.float32), dim=-1)
+
+
+def dense(module, query, key, value, mask, scaling, dropout=0.0, **kwargs):
+    """Plain multi-head attention through transformers' SDPA path (what MHA runs), for layers a method leaves
+    alone."""
+    return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def to_output(out: torch.Tensor) -> torch.Tensor:
+    """[B, H, T, D] -> [B, T, H, D], the layout attention functions return."""
+    return out.transpose(1, 2).contiguous()
+
+
+def kv_bytes(cache) -> dict:
+    """Bytes held by the K and V tensors of every layer of a transformers cache, as allocated."""
+    total = {"k": 0, "v": 0}
+    for layer in cache.layers:
+        for name, attr in (("k", "keys"), ("v", "values")):
+            tensor = getattr(layer, attr, None)
+            if isinstance(tensor, torch.Tensor):
+                total[name] += tensor.numel() * tensor.element_size()
+    return total

@@ -1,0 +1,38 @@
+"""Config checks that run before any model loads: unknown group choices get one line with the valid names."""
+
+import sys
+
+from omegaconf import OmegaConf
+
+from chai.errors import did_you_mean
+from chai.paths import CONF_DIR
+
+GROUPS = ("method", "model", "task")
+MODES = ("eval", "calibrate", "bench")
+
+
+def choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def compose_model(name: str):
+    """A model config by name, outside Hydra (e.g. a tiny model borrowing SmolLM2's tokenizer)."""
+    if name not in choices("model"):
+        raise did_you_mean("model", name, choices("model"))
+    return OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml")
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Reject `method=typo` before Hydra prints its multi-line error (and before a multirun starts jobs)."""
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if not sep or key not in GROUPS + ("mode",) or "(" in value:  # leave sweep functions to Hydra
+            continue
+        valid = MODES if key == "mode" else choices(key)
+        for item in value.split(","):  # multirun: method=mha,chai
+            if item and item not in valid:
+                raise did_you_mean(key, item, valid)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    check_overrides(sys.argv[1:])

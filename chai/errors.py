@@ -1,0 +1,19 @@
+"""One kind of user-facing error: a single line that says what is wrong and what to do."""
+
+import difflib
+
+
+class ChaiError(Exception):
+    """Bad input (config value, missing weights or data). `run.py` prints it as one line and exits 2."""
+
+
+def did_you_mean(kind: str, name: str, choices) -> ChaiError:
+    choices = sorted(choices)
+    close = difflib.get_close_matches(str(name), choices, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ChaiError(f"unknown {kind} '{name}'.{hint} Valid: {', '.join(choices)}.")
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ChaiError(message)

@@ -1,0 +1,141 @@
+"""mode=eval: score a model + method zero-shot with lm-eval and record the run.
+
+The model is built once, wrapped in lm-eval's `HFLM`, and scored by `simple_evaluate` inside
+`method.applied(model)`: no scoring code of our own. The record also carries the K,V bytes one token of context
+costs under the method, analytic and measured from a real cache filled by a probe prompt.
+"""
+
+import time
+from pathlib import Path
+
+import torch
+from lm_eval import simple_evaluate
+from lm_eval.models.huggingface import HFLM
+
+from chai.attention import kv_bytes
+from chai.errors import ChaiError
+from chai.paths import data_dir
+
+PROBE_FALLBACK = "The quick brown fox jumps over the lazy dog. " * 64
+
+
+class CountingHFLM(HFLM):
+    """HFLM that counts the tokens it pushes through the model (padded batch shape), for tokens per second."""
+
+    tokens_seen = 0
+
+    def _model_call(self, inps, *args, **kwargs):
+        self.tokens_seen += inps.numel()
+        return super()._model_call(inps, *args, **kwargs)
+
+
+def probe_ids(tokenizer, tokens: int, configured_data_dir=None) -> torch.Tensor:
+    """[1, tokens] ids of real text (the first C4 calibration document when present) for K,V measurements."""
+    c4 = data_dir(configured_data_dir) / "c4" / "c4_validation_2k.jsonl"
+    text = PROBE_FALLBACK
+    if c4.exists():
+        import json
+
+        with c4.open() as f:
+            text = " ".join(json.loads(next(f))["text"] for _ in range(4))
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :tokens]
+    return ids
+
+
+@torch.no_grad()
+def measure_kv_bytes_per_token(model, method, input_ids: torch.Tensor) -> dict:
+    """Fill a fresh cache of the method with one prompt and divide the bytes its K and V tensors hold by the
+    prompt length (batch 1)."""
+    cache = method.make_cache(model)
+    with method.applied(model):
+        model(input_ids.to(model.device), past_key_values=cache, use_cache=True)
+    held = kv_bytes(cache)
+    tokens = input_ids.shape[1]
+    return {"k": held["k"] / tokens, "v": held["v"] / tokens, "total": (held["k"] + held["v"]) / tokens}
+
+
+def kv_record(model, method, tokenizer, cfg) -> dict:
+    dtype_bytes = torch.finfo(model.dtype).bits // 8
+    analytic = method.kv_bytes_per_token(model.config, dtype_bytes)
+    analytic["total"] = analytic["k"] + analytic["v"]
+    measured = measure_kv_bytes_per_token(model, method, probe_ids(tokenizer, cfg.eval.kv_probe_tokens, cfg.data_dir))
+    return {"analytic": analytic, "measured": measured, "probe_tokens": int(cfg.eval.kv_probe_tokens)}
+
+
+def metrics_of(results: dict, task: str) -> dict:
+    """lm-eval's `acc,none` / `acc_stderr,none` -> {"acc": .., "acc_stderr": ..}."""
+    metrics = {}
+    for key, value in results["results"][task].items():
+        name, _, filt = key.partition(",")
+        if name == "alias" or not isinstance(value, (int, float)):
+            continue
+        metrics[name if filt in ("none", "") else f"{name}/{filt}"] = value
+    return metrics
+
+
+def write_samples(folder: Path, run_id: str, samples: list[dict]) -> Path:
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{run_id}.jsonl"
+    with path.open("w") as f:
+        for sample in samples:
+            keep = {k: sample.get(k) for k in ("doc_id", "target", "arguments", "resps", "filtered_resps", "acc")}
+            keep.update({k: v for k, v in sample.items() if k in ("acc", "acc_norm")})
+            f.write(json.dumps(keep, default=str) + "\n")
+    return path
+
+
+def evaluate(model, tokenizer, method, task_manager, task_name: str, cfg) -> dict:
+    """Score `task_name` with lm-eval under `method`; returns the measurement part of a record."""
+    if tokenizer is None:
+        raise ChaiError(f"model '{cfg.model.name}' has no tokenizer offline: set model.tokenizer=smollm2 or a path.")
+    lm = CountingHFLM(
+        pretrained=model, tokenizer=tokenizer, batch_size=cfg.eval.batch_size, max_length=cfg.eval.max_length
+    )
+    started = time.perf_counter()
+    with method.applied(model):
+        results = simple_evaluate(
+            model=lm,
+            tasks=[task_name],
+            task_manager=task_manager,
+            num_fewshot=cfg.task.num_fewshot,
+            limit=cfg.task.limit,
+            log_samples=True,
+            random_seed=cfg.seed,
+            numpy_random_seed=cfg.seed,
+            torch_random_seed=cfg.seed,
+            fewshot_random_seed=cfg.seed,
+        )
+    wall = time.perf_counter() - started
+    samples = results["samples"][task_name]
+    return {
+        "metrics": metrics_of(results, task_name),
+        "n_examples": len(samples),
+        "n_requests": sum(len(s["arguments"]) for s in samples),
+        "timing": {"wall_s": wall, "tokens": lm.tokens_seen, "tokens_per_s": lm.tokens_seen / wall},
+        "samples": samples,
+        "lm_eval_config": results.get("configs", {}).get(task_name),
+    }
+
+
+def run(cfg, record: dict) -> dict:
+    """mode=eval entry: build the method first (bad settings fail before any model loads), then load, score,
+    measure K,V bytes and write the per-sample outputs beside runs.jsonl."""
+    from chai.methods import RunContext, build_method
+    from chai.models import load_model
+    from chai.tasks import task_manager
+
+    method = build_method(cfg.method)
+    manager, task_name, source = task_manager(cfg.task, cfg.data_dir)
+    model, tokenizer = load_model(cfg.model, cfg.device, cfg.seed)
+    method.prepare(model, RunContext(cfg, tokenizer, cfg.model.name, cfg.data_dir, cfg.results_dir))
+    scored = evaluate(model, tokenizer, method, manager, task_name, cfg)
+    samples = scored.pop("samples")
+    folder = Path(record["results_path"]).parent / "samples"
+    scored["samples_path"] = str(write_samples(folder, record["run_id"], samples))
+    scored["task_source"] = source
+    scored["kv_bytes_per_token"] = kv_record(model, method, tokenizer, cfg)
+    scored["method_info"] = method.describe()
+    scored["dtype"] = str(model.dtype).replace("torch.", "")
+    return scored

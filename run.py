@@ -1,0 +1,26 @@
+"""Entry point: `python run.py method=chai model=llama7b task=piqa` (see README and conf/config.yaml)."""
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+
+from chai.cli import run_mode
+from chai.config import check_overrides
+from chai.errors import ChaiError
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg) -> None:
+    hydra_cfg = HydraConfig.get()
+    run_mode(cfg, list(hydra_cfg.overrides.task), in_sweep=hydra_cfg.mode == RunMode.MULTIRUN)
+
+
+if __name__ == "__main__":
+    try:
+        check_overrides(sys.argv[1:])
+        main()
+    except ChaiError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

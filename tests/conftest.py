@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny random models built from configs, the embedded SmolLM2, real rows from the data dir.
+Everything offline, CPU, float32."""
+
+import json
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+from chai.config import compose_model  # noqa: E402
+from chai.models import load_model  # noqa: E402
+from chai.paths import data_dir  # noqa: E402
+
+
+def _load(name: str, **overrides):
+    cfg = compose_model(name)
+    for key, value in overrides.items():
+        cfg[key] = value
+    return load_model(cfg, device="cpu", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """(model, tokenizer): 3 layers x 8 heads, head_dim 8, random weights."""
+    return _load("tiny_llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_opt():
+    return _load("tiny_opt")
+
+
+@pytest.fixture(scope="session", params=["tiny_llama", "tiny_opt"])
+def tiny_model(request):
+    """Each tiny architecture in turn: (model, tokenizer)."""
+    return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded default model (real weights, 9 query heads over 3 KV heads)."""
+    return _load("smollm2")
+
+
+@pytest.fixture(scope="session")
+def piqa_rows():
+    """The first 20 real PIQA validation rows from the data directory."""
+    path = data_dir() / "piqa" / "piqa_validation.jsonl"
+    if not path.exists():
+        pytest.skip(f"no data directory with {path}")
+    with path.open() as f:
+        return [json.loads(next(f)) for _ in range(20)]
+
+
+def random_ids(batch: int, length: int, vocab: int = 49152, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=generator)
