@@ -11,16 +11,23 @@ from chai.config import check_overrides
 from chai.errors import ChaiError
 
 
+def fail(err: ChaiError) -> None:
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg) -> None:
     hydra_cfg = HydraConfig.get()
-    run_mode(cfg, list(hydra_cfg.overrides.task), in_sweep=hydra_cfg.mode == RunMode.MULTIRUN)
+    try:
+        run_mode(cfg, list(hydra_cfg.overrides.task), in_sweep=hydra_cfg.mode == RunMode.MULTIRUN)
+    except ChaiError as err:  # bad input: one line, not a traceback (the record already holds the error)
+        fail(err)
 
 
 if __name__ == "__main__":
     try:
         check_overrides(sys.argv[1:])
-        main()
     except ChaiError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail(err)
+    main()

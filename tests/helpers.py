@@ -1,0 +1,11 @@
+"""Test helpers shared across test files (not fixtures)."""
+
+from hydra import compose, initialize_config_dir
+
+from chai.paths import CONF_DIR
+
+
+def compose_cfg(overrides: list[str]):
+    """The config `python run.py <overrides>` would run, composed in-process."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
