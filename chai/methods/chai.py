@@ -1,0 +1,383 @@
+"""CHAI: Clustered Head Attention (Agarwal et al., ICML 2024), as the paper describes it.
+
+Heads of a layer whose attention scores look alike are clustered per request; for every clustered layer
+softmax(QK^T) is computed only for one representative per cluster, every member reuses it with its own V, and
+only the representatives' K stays in the cache (GQA: a KV head's K stays while some representative reads it).
+
+Per request (online membership, Sec. 4.2): the first `membership_tokens` tokens run as plain MHA; their causal
+attention probabilities (one [m, m] map per head, lower triangle flattened) are the heads' features; the heads of
+each clustered layer are clustered into that layer's count. Rows from m on use the representatives' scores. A
+prompt shorter than m stays dense until its cache has seen m tokens (the first m queries are kept meanwhile);
+without a cache such a forward is plain MHA. Variants: `chai_static` (grouping fixed offline), `chai_qkv` (members
+also share V, Table 4), `random_groups` (Fig. 1). docs/chai.md lists every point where the released code differs.
+
+Cluster counts: `num_clusters` (uniform, wins when set), else `layer_clusters`: a per-layer list, a preset from
+conf/clusters/, or `auto` (the elbow from `chai.calibrate`). Layers before `first_clustered_layer` stay dense.
+
+The handshake with transformers: the cache is updated before the attention function runs (inside the attention
+module), so `ChaiLayer.update` announces itself in `_announced[layer_idx]`; the attention function of that layer
+takes it. No announcement (a plain DynamicCache, use_cache=False) means K and V arrived with every head and the
+membership lives only for the current forward.
+"""
+
+import time
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from chai.attention import AttnShape, attention_probs, dense, repeat_heads, to_output
+from chai.clustering import ALGOS, REPRESENTATIVES, Membership, cluster_heads, labels_from_groups, random_labels
+from chai.clustering import representatives
+from chai.errors import ChaiError, did_you_mean, require
+from chai.methods import register
+from chai.methods.base import Method, RunContext
+from chai.paths import CONF_DIR
+
+FIRST_TOKENS = ("dense", "clustered")
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / "clusters").glob("*.yaml"))
+
+
+def load_preset(name: str) -> dict:
+    from omegaconf import OmegaConf
+
+    if name not in presets():
+        raise did_you_mean("cluster preset", name, presets() + ["auto"])
+    return OmegaConf.to_container(OmegaConf.load(CONF_DIR / "clusters" / f"{name}.yaml"))
+
+
+def pick(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Per-request head gather: x [B, N, ...], index [B, M] -> [B, M, ...]."""
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], index.to(x.device)]
+
+
+def causal(past: int, tq: int, tk: int, device) -> torch.Tensor:
+    """[1, 1, Tq, Tk] boolean causal mask for queries at positions past..past+Tq-1."""
+    q = torch.arange(past, past + tq, device=device)[:, None]
+    return (torch.arange(tk, device=device)[None] <= q)[None, None]
+
+
+class ChaiLayer(DynamicLayer):
+    """A cache layer that keeps every K head until its layer's membership is known, then only the K of the KV heads
+    representatives read (V too with `share_values`). keys [B, S, T, D] with S <= Hkv, values [B, Hkv or S, T, D]."""
+
+    def __init__(self, method: "Chai", layer_idx: int):
+        super().__init__()
+        self.method, self.layer_idx = method, layer_idx
+        self.membership: Membership | None = None
+        self.queries: torch.Tensor | None = None  # [B, H, <m, D] first query rows, until the layer clusters
+        self.past = 0
+        self.returned = None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.past = self.get_seq_length()
+        if self.membership is not None:
+            key_states = pick(key_states, self.membership.kv_keep)  # [B, S, Tnew, D]
+            if self.method.share_values:
+                value_states = pick(value_states, self.membership.kv_keep)
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        self.returned = keys
+        self.method._announced[self.layer_idx] = self
+        return keys, values
+
+    def first_queries(self, query: torch.Tensor, m: int) -> torch.Tensor | None:
+        """Collect query rows of positions < m across forwards; [B, H, m, D] once all m are there."""
+        have = 0 if self.queries is None else self.queries.shape[2]
+        if have < m:
+            rows = query[:, :, : m - have]
+            self.queries = rows if self.queries is None else torch.cat([self.queries, rows], dim=2)
+        return self.queries if self.queries.shape[2] >= m else None
+
+    def compact(self, membership: Membership) -> None:
+        """Drop the K (and with share_values the V) of heads no representative reads."""
+        self.membership, self.queries = membership, None
+        self.keys = pick(self.keys, membership.kv_keep)
+        if self.method.share_values:
+            self.values = pick(self.values, membership.kv_keep)
+
+    def _rows(self, rows: torch.Tensor) -> None:
+        if self.membership is not None:
+            self.membership = self.membership.index(rows)
+        if self.queries is not None:
+            self.queries = self.queries[rows.to(self.queries.device)]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        batch = self.keys.shape[0] if self.is_initialized and self.keys.dim() == 4 else 0
+        super().batch_repeat_interleave(repeats)
+        self._rows(torch.arange(batch).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._rows(torch.as_tensor(indices))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._rows(beam_idx)
+
+    def reset(self) -> None:
+        super().reset()
+        self.membership = self.queries = None
+
+
+@register
+@dataclass
+class Chai(Method):
+    """CHAI with per-request (online) membership. Fields are the paper's hyperparameters; `conf/method/chai.yaml`."""
+
+    name = "chai"
+    membership: ClassVar[str] = "online"  # online | static (chai_static) | random (random_groups)
+
+    layer_clusters: list[int] | str | None = "auto"  # per-layer list | preset name (conf/clusters/) | auto
+    num_clusters: int | None = None  # uniform count for layers >= first_clustered_layer; wins over layer_clusters
+    first_clustered_layer: int = 0
+    membership_tokens: int = 5  # m: the first m tokens decide the membership
+    cluster_algo: str = "kmeans"  # kmeans (paper) | agglomerative (reference code: cosine, average linkage)
+    representative: str = "first"  # first (lowest-index member, reference code) | medoid
+    first_tokens: str = "dense"  # dense (paper: the first m rows run as MHA) | clustered (reference code)
+    causal_features: bool = True  # False: features without the causal mask, as the reference code computes them
+    share_values: bool = False  # True: CHAI-QKV, members also use the representative's V (Table 4)
+
+    def __post_init__(self):
+        self._announced: dict[int, ChaiLayer] = {}
+        self._config_id, self._counts, self._fixed, self._source = None, None, None, None
+        self._artifact, self._seconds, self._calls, self._last = None, 0.0, 0, {}
+        if self.layer_clusters is not None and not isinstance(self.layer_clusters, str):
+            try:
+                self.layer_clusters = [int(c) for c in self.layer_clusters]
+            except (TypeError, ValueError):
+                raise ChaiError(f"method.layer_clusters must be a list of ints, a preset or auto: {self.layer_clusters}")
+            require(all(c >= 1 for c in self.layer_clusters), "method.layer_clusters entries must be >= 1 (0 clusters is no attention).")
+        elif isinstance(self.layer_clusters, str) and self.layer_clusters != "auto":
+            load_preset(self.layer_clusters)
+        require(self.num_clusters is None or int(self.num_clusters) >= 1, "method.num_clusters must be >= 1.")
+        require(self.layer_clusters is not None or self.num_clusters is not None,
+                "CHAI needs cluster counts: set method.layer_clusters (list, preset or auto) or method.num_clusters.")
+        require(int(self.membership_tokens) >= 1, "method.membership_tokens must be >= 1.")
+        require(int(self.first_clustered_layer) >= 0, "method.first_clustered_layer must be >= 0.")
+        require(self.membership == "online" or self.representative == "first",
+                f"{self.name} has no per-request features to pick a medoid from: use method.representative=first.")
+        for key, value, valid in (("cluster_algo", self.cluster_algo, ALGOS),
+                                  ("representative", self.representative, REPRESENTATIVES),
+                                  ("first_tokens", self.first_tokens, FIRST_TOKENS)):
+            if value not in valid:
+                raise did_you_mean(f"method.{key}", value, valid)
+
+    # --- setup: counts per layer, fixed memberships -------------------------------------------------------------
+
+    def prepare(self, model, context: RunContext | None = None) -> None:
+        if self._needs_artifact():
+            from chai.calibrate import load_or_calibrate
+
+            self._artifact = load_or_calibrate(model, context)
+        self._setup(model.config)
+
+    def _needs_artifact(self) -> bool:
+        return self.num_clusters is None and self.layer_clusters == "auto" or self.membership == "static"
+
+    def _ensure(self, config) -> None:
+        if self._config_id != id(config):
+            if self._needs_artifact() and self._artifact is None:
+                raise ChaiError(f"method {self.name} needs the calibration artifact: call method.prepare(model, context).")
+            self._setup(config)
+
+    def _setup(self, config) -> None:
+        shape = AttnShape.of(config)
+        counts, self._source = self._raw_counts(shape)
+        require(len(counts) == shape.layers,
+                f"{self._source} gives {len(counts)} cluster counts but the model has {shape.layers} layers: one per layer.")
+        for layer, count in enumerate(counts):
+            require(1 <= count <= shape.heads,
+                    f"layer {layer} asks for {count} clusters but has {shape.heads} heads: use 1..{shape.heads}.")
+        require(self.first_clustered_layer < shape.layers,
+                f"method.first_clustered_layer={self.first_clustered_layer} but the model has {shape.layers} layers.")
+        self._shape = shape
+        self._counts = [None if layer < self.first_clustered_layer else c for layer, c in enumerate(counts)]
+        self._fixed = self._fixed_memberships(shape) if self.membership != "online" else None
+        self._config_id = id(config)
+
+    def _raw_counts(self, shape: AttnShape) -> tuple[list[int], str]:
+        if self.num_clusters is not None:
+            return [int(self.num_clusters)] * shape.layers, "method.num_clusters"
+        if isinstance(self.layer_clusters, list):
+            return self.layer_clusters, "method.layer_clusters"
+        if self.layer_clusters == "auto":
+            if self.membership == "static":
+                return [len(g) for g in self._artifact["static_groups"]], "calibration static_groups"
+            return list(self._artifact["elbow"]["chosen"]), "calibration elbow"
+        return load_preset(self.layer_clusters)["layers"], f"preset {self.layer_clusters}"
+
+    def _fixed_memberships(self, shape: AttnShape) -> dict[int, Membership]:
+        """One-request memberships for static/random grouping, per clustered layer."""
+        fixed = {}
+        for layer, count in enumerate(self._counts):
+            if count is not None:
+                labels = self._fixed_labels(layer, count, shape)[None]  # [1, H]
+                reps = representatives(None, labels, count, "first")
+                fixed[layer] = Membership.build(labels, reps, shape.groups, shape.kv_heads)
+        return fixed
+
+    def _fixed_labels(self, layer: int, count: int, shape: AttnShape) -> torch.Tensor:
+        raise NotImplementedError  # chai_static and random_groups
+
+    # --- the attention function ----------------------------------------------------------------------------------
+
+    def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        # query [B, H, Tq, D]; key/value [B, Hkv or S, Tk, D] as the cache returned them
+        self._ensure(module.config)
+        idx = module.layer_idx
+        layer = self._announced.pop(idx, None)
+        if layer is not None and layer.returned is not key:
+            layer = None  # stale: that cache was updated without this attention function running
+        if self._counts[idx] is None:
+            return dense(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+        tq, tk = query.shape[2], key.shape[2]
+        past = layer.past if layer is not None else tk - tq
+        mask = attention_mask if attention_mask is not None else causal(past, tq, tk, query.device)
+        if layer is not None and layer.membership is not None:
+            return to_output(self._clustered(query, key, value, mask, scaling, layer.membership, compact=True)), None
+        membership = self._membership(idx, query, key, scaling, past, layer)
+        if membership is None:  # fewer than m tokens so far: plain MHA, every K kept
+            return dense(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+        online_dense = self.membership == "online" and self.first_tokens == "dense"
+        n_dense = min(max(self.membership_tokens - past, 0), tq) if online_dense else 0
+        parts = []
+        if n_dense:
+            groups = self._shape.groups
+            probs = attention_probs(query[:, :, :n_dense], repeat_heads(key, groups), mask[..., :n_dense, :], scaling)
+            parts.append(probs.to(value.dtype) @ repeat_heads(value, groups))  # [B, H, n_dense, D]
+        if n_dense < tq:
+            rest = (query[:, :, n_dense:], key, value, mask[..., n_dense:, :], scaling, membership)
+            parts.append(self._clustered(*rest, compact=False))
+        if layer is not None:
+            layer.compact(membership)
+        return to_output(torch.cat(parts, dim=2)), None
+
+    def _clustered(self, query, key, value, mask, scaling, m: Membership, compact: bool) -> torch.Tensor:
+        """softmax(q k^T) of the representatives only, shared by every member, times each head's own V (or the
+        representative's V with share_values). keys are compact ([B, S, T, D], read through rep_slot) or full
+        ([B, Hkv, T, D], read through rep // groups). Returns [B, H, Tq, D]."""
+        key_slot = m.rep_slot if compact else m.reps // self._shape.groups  # [B, C]
+        probs = attention_probs(pick(query, m.reps), pick(key, key_slot), mask, scaling)  # [B, C, Tq, Tk] fp32
+        probs = pick(probs, m.labels)  # [B, H, Tq, Tk]: each head reads its cluster's row
+        if self.share_values:
+            value_of_head = key_slot.gather(1, m.labels.to(key_slot.device))
+        else:
+            heads = torch.arange(self._shape.heads, device=query.device) // self._shape.groups
+            value_of_head = heads.expand(query.shape[0], -1)
+        return probs.to(value.dtype) @ pick(value, value_of_head)
+
+    def _membership(self, idx, query, key, scaling, past, layer) -> Membership | None:
+        """This forward's membership for layer idx: fixed (static/random), or clustered from the first m tokens
+        (None while fewer than m exist)."""
+        batch = query.shape[0]
+        if self._fixed is not None:
+            return self._fixed[idx].index(torch.zeros(batch, dtype=torch.long))
+        m = self.membership_tokens
+        if layer is None and past > 0:
+            raise ChaiError("CHAI decoding needs its own cache: pass past_key_values=method.make_cache(model).")
+        q_first = layer.first_queries(query, m) if layer is not None else (query[:, :, :m] if query.shape[2] >= m else None)
+        if q_first is None:
+            return None
+        started = time.perf_counter()
+        k_first = repeat_heads(key[:, :, :m], self._shape.groups)  # [B, H, m, D]: all heads, before compaction
+        mask = causal(0, m, m, query.device) if self.causal_features else None
+        probs = attention_probs(q_first, k_first, mask, scaling)  # [B, H, m, m]
+        if self.causal_features:
+            rows, cols = torch.tril_indices(m, m, device=probs.device)
+            features = probs[:, :, rows, cols]  # the zeros above the diagonal carry no information
+        else:
+            features = probs.flatten(2)
+        count = self._counts[idx]
+        labels = cluster_heads(features, count, self.cluster_algo)
+        reps = representatives(features, labels, count, self.representative)
+        membership = Membership.build(labels, reps, self._shape.groups, self._shape.kv_heads)
+        if features.is_cuda:
+            torch.cuda.synchronize()
+        self._seconds += time.perf_counter() - started
+        self._calls += 1
+        self._last[idx] = membership
+        return membership
+
+    # --- cache, bytes, record --------------------------------------------------------------------------------------
+
+    def cache_layer(self, layer_idx: int, config):
+        self._ensure(config)
+        return ChaiLayer(self, layer_idx) if self._counts[layer_idx] is not None else DynamicLayer()
+
+    def _kept_k_heads(self, layer: int) -> int:
+        count, kv = self._counts[layer], self._shape.kv_heads
+        if count is None:
+            return kv
+        if self._fixed is not None:
+            return self._fixed[layer].kept_kv()[0]
+        return min(count, kv)  # GQA: an upper bound; the measured bytes say what the membership kept
+
+    def kv_bytes_per_token(self, config, dtype_bytes: int) -> dict:
+        """K: representatives x head_dim x bytes per clustered layer (GQA: distinct KV heads they read, bounded by
+        min(clusters, Hkv) for online membership), every KV head elsewhere. V: every KV head, or as K with
+        share_values. Batch 1."""
+        self._ensure(config)
+        per_head = self._shape.head_dim * dtype_bytes
+        k = sum(self._kept_k_heads(layer) for layer in range(self._shape.layers)) * per_head
+        v = k if self.share_values else self._shape.layers * self._shape.kv_heads * per_head
+        return {"k": k, "v": v}
+
+    def describe(self) -> dict:
+        counts = self._counts or []
+        return {
+            "membership": self.membership,
+            "counts_source": self._source,
+            "clusters_per_layer": ["dense" if c is None else c for c in counts],
+            "clustering_time_s": self._seconds,
+            "clustering_calls": self._calls,
+            "example_groups": {
+                str(layer): m.groups(0) for layer, m in sorted((self._fixed or self._last).items())
+            },
+            "kept_kv_heads": {str(layer): m.kept_kv()[0] for layer, m in sorted((self._fixed or self._last).items())},
+        }
+
+
+@register
+@dataclass
+class ChaiStatic(Chai):
+    """CHAI-static: one grouping per layer for every request, from the calibration artifact (the co-association
+    consensus at the elbow count; other counts cut the same matrix). No online clustering; all rows clustered."""
+
+    name = "chai_static"
+    membership: ClassVar[str] = "static"
+
+    def _fixed_labels(self, layer, count, shape):
+        from chai.calibrate import consensus_groups
+
+        groups = self._artifact["static_groups"][layer]
+        if len(groups) != count:
+            groups = consensus_groups(torch.tensor(self._artifact["coassociation"][layer]), count)
+        return labels_from_groups(groups, shape.heads)
+
+
+@register
+@dataclass
+class ChaiQKV(Chai):
+    """CHAI-QKV (Table 4 ablation): members reuse the representative's scores and V; K and V are stored only for
+    the representatives."""
+
+    name = "chai_qkv"
+    share_values: bool = True
+
+
+@register
+@dataclass
+class RandomGroups(Chai):
+    """Random head grouping with the same per-layer counts (the paper's Fig. 1 comparison): fixed per layer from
+    `seed`, lowest-index member represents."""
+
+    name = "random_groups"
+    membership: ClassVar[str] = "random"
+    seed: int = 0
+
+    def _fixed_labels(self, layer, count, shape):
+        return random_labels(shape.heads, count, torch.Generator().manual_seed(self.seed * 1000 + layer))

