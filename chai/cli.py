@@ -10,7 +10,7 @@ from chai.errors import ChaiError
 from chai.paths import results_dir
 from chai.records import append_jsonl, mirror_to_wandb, new_record, read_jsonl, run_key
 
-MODE_RUNNERS = {"eval": "chai.evaluate", "calibrate": "chai.calibrate", "bench": "chai.bench"}
+MODE_RUNNERS = {"eval": "chai.evaluate", "calibrate": "chai.calibrate", "bench": "chai.bench", "membership": "chai.membership"}
 
 
 def runs_path(cfg):

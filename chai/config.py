@@ -8,7 +8,8 @@ from chai.errors import did_you_mean
 from chai.paths import CONF_DIR
 
 GROUPS = ("method", "model", "task")
-MODES = ("eval", "calibrate", "bench")
+CHECKED = GROUPS + ("experiment",)
+MODES = ("eval", "calibrate", "bench", "membership")
 
 
 def choices(group: str) -> list[str]:
@@ -26,7 +27,7 @@ def check_overrides(argv: list[str]) -> None:
     """Reject `method=typo` before Hydra prints its multi-line error (and before a multirun starts jobs)."""
     for arg in argv:
         key, sep, value = arg.lstrip("+~").partition("=")
-        if not sep or key not in GROUPS + ("mode",) or "(" in value:  # leave sweep functions to Hydra
+        if not sep or key not in CHECKED + ("mode",) or "(" in value:  # leave sweep functions to Hydra
             continue
         valid = MODES if key == "mode" else choices(key)
         for item in value.split(","):  # multirun: method=mha,chai

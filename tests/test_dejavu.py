@@ -114,6 +114,7 @@ def test_kv_memory_equals_analytic_count(tiny_model, sparsity, kept):
     assert method.kv_bytes_per_token(model.config, 4) == {"k": expected, "v": expected}
     measured = measure_kv_bytes_per_token(model, method, random_ids(1, 16))
     assert measured["k"] == measured["v"] == expected
+    assert method.describe()["attention_compute_fraction"] == (8 + 2 * kept) / 24
 
 
 def test_decoding_with_a_cache_matches_one_forward(tiny_model):

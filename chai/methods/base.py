@@ -77,8 +77,8 @@ class Method:
             AttentionInterface.register(self.name, self.attention)
             AttentionMaskInterface.register(self.name, bool_causal_mask)
             model.set_attn_implementation(self.name)
-        self.on_apply(model)
         try:
+            self.on_apply(model)  # inside the try: a failure half-way through is undone too
             yield self
         finally:
             self.on_remove(model)

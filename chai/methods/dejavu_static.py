@@ -102,6 +102,7 @@ class DejaVuStatic(Method):
     def __post_init__(self):
         self._plans: dict[int, LayerPlan] | None = None  # set by `prepare`
         self._saved: dict = {}  # while applied: the original projections of each pruned layer
+        self._heads: tuple[int, int] | None = None  # (layers, heads) of the prepared model
         require(
             isinstance(self.sparsity, (int, float)) and not isinstance(self.sparsity, bool),
             f"dejavu_static: sparsity must be a number in [0, 1), got {self.sparsity!r}.",
@@ -129,6 +130,7 @@ class DejaVuStatic(Method):
             f"[{shape.layers}, {shape.heads}] (layers, heads).",
         )
         self._plans = plan_layers(scores, shape, self.sparsity, self.dense_layers)
+        self._heads = (shape.layers, shape.heads)
 
     def _scores(self, model, context) -> torch.Tensor:
         if self.head_scores is not None:
@@ -177,13 +179,18 @@ class DejaVuStatic(Method):
 
     def describe(self) -> dict:
         plans = self._plans or {}
-        return {
+        info = {
             "variant": "static (head scores averaged on calibration text; the paper used DejaVu's trained per-token "
             "predictor)",
             "pruned_layers": sorted(plans),
             "kept_heads": {str(i): list(p.heads) for i, p in plans.items()},
             "kept_kv_heads": {str(i): list(p.kv_heads) for i, p in plans.items()},
         }
+        if self._heads is not None:
+            layers, heads = self._heads
+            kept = sum(len(plans[i].heads) if i in plans else heads for i in range(layers))
+            info["attention_compute_fraction"] = kept / (layers * heads)  # attention-score work relative to MHA
+        return info
 
     def on_apply(self, model) -> None:
         plans = self._require_plans(model)

@@ -81,7 +81,8 @@ def attention_compute(record: dict, calibrations: dict) -> float:
     """Attention-score compute relative to MHA (1.0): the mean over layers of clusters/heads.
 
     From the method's own report when it gives one (`method_info.attention_compute_fraction`, or per-layer
-    `clusters_per_layer`), else from `num_clusters` and `first_clustered_layer` (earlier layers stay dense).
+    `clusters_per_layer`, "dense" for an MHA layer), else from `num_clusters` and `first_clustered_layer`
+    (earlier layers stay dense).
     NaN when neither is known."""
     if record.get("method") == "mha":
         return 1.0
@@ -89,9 +90,9 @@ def attention_compute(record: dict, calibrations: dict) -> float:
     layers, heads = model_shape(record, calibrations)
     if isinstance(info.get("attention_compute_fraction"), (int, float)):
         return float(info["attention_compute_fraction"])
-    per_layer = info.get("clusters_per_layer")
+    per_layer = info.get("clusters_per_layer")  # ints, "dense" (or None) for a layer left as MHA
     if isinstance(per_layer, list) and per_layer and heads:
-        return sum(min(k, heads) for k in per_layer) / (len(per_layer) * heads)
+        return sum(min(k, heads) if isinstance(k, int) else heads for k in per_layer) / (len(per_layer) * heads)
     k = settings.get("num_clusters")
     if isinstance(k, int) and layers and heads:
         first = min(int(settings.get("first_clustered_layer") or 0), layers)
@@ -192,7 +193,7 @@ def matching(frame: pd.DataFrame, method: str, fixed: dict | None = None, vary: 
     wanted = {k: v for k, v in expected.items() if k not in vary}
     if rows.empty or not wanted:
         return rows
-    keep = rows["settings"].map(lambda s: all(_same(s.get(k), v) for k, v in wanted.items()))
+    keep = rows["settings"].map(lambda s: all(_same(s.get(k), v) for k, v in wanted.items())).astype(bool)
     return rows[keep]
 
 

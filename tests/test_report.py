@@ -1,0 +1,247 @@
+"""Tables and figures from synthetic records (the schemas of eval, bench, membership records and the calibration
+artifact): every file is produced, the numbers in the tables are the records' numbers, the newest record of a cell
+wins, failures are left out, and the report never imports torch."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from chai.paths import ROOT
+from chai.records import append_jsonl
+from chai.report import build
+from chai.report.loading import eval_frame, latest, method_defaults
+from chai.report.tables import write_tables
+
+LAYERS, HEADS = 32, 32  # llama7b's arch, so the paper's numbers apply and the compute share is known
+TASKS = ("piqa", "arc_easy")
+MHA_ACC = {"piqa": 0.78, "arc_easy": 0.75}
+FALLBACK = {  # settings of methods whose config has not landed yet
+    "chai": {"num_clusters": None, "first_clustered_layer": 0, "membership_tokens": 5},
+    "chai_static": {"num_clusters": None, "first_clustered_layer": 0},
+    "chai_qkv": {"num_clusters": None, "first_clustered_layer": 0, "membership_tokens": 5},
+    "random_groups": {"num_clusters": None, "first_clustered_layer": 0},
+    "dejavu_static": {"sparsity": 0.5},
+    "sparq": {"compression": 8},
+}
+_clock = iter(range(10_000))
+
+
+def settings(method: str, **changes) -> dict:
+    found = method_defaults(method)
+    return {"name": method, **(FALLBACK.get(method, {}) if found is None else found), **changes}
+
+
+def record(method: str, task: str, acc: float, limit=None, model="llama7b", error=None, kv=1.0, **changes) -> dict:
+    """An eval record as chai.cli + chai.evaluate write it (only the fields the report reads, plus a few)."""
+    second = next(_clock)
+    rec = {
+        "run_id": f"r{second}",
+        "time": f"2026-01-01T{second // 3600:02d}:{second // 60 % 60:02d}:{second % 60:02d}+0000",
+        "mode": "eval", "experiment": "accuracy", "model": model, "method": method, "task": task,
+        "config": {"method": settings(method, **changes), "task": {"name": task, "limit": limit},
+                   "model": {"name": model, "arch": {"num_hidden_layers": LAYERS, "num_attention_heads": HEADS}}},
+        "metrics": {"acc": acc, "acc_stderr": 0.01, "acc_norm": acc - 0.01, "acc_norm_stderr": 0.01},
+        "n_examples": limit or 1000,
+        "kv_bytes_per_token": {"analytic": {"total": 1000 * kv}, "measured": {"total": 1000 * kv}},
+        "method_info": {},
+    }
+    if error:
+        rec["error"] = error
+    return rec
+
+
+def swept(key: str, values: tuple) -> list:
+    return [v for v in values if v != settings("chai").get(key)]
+
+
+def eval_records() -> list[dict]:
+    recs = []
+    for task in TASKS:
+        base = MHA_ACC[task]
+        recs.append(record("mha", task, base - 0.05))  # older: replaced by the next line
+        recs.append(record("mha", task, base))
+        recs.append(record("chai", task, base - 0.02, kv=0.8))
+        recs.append(record("chai", task, 0.0, error="OutOfMemoryError: CUDA out of memory"))  # never shown
+        recs.append(record("chai_static", task, base - 0.04, kv=0.8))
+        recs.append(record("chai_qkv", task, base - 0.03, kv=0.8))
+        recs.append(record("sparq", task, base - 0.01))
+        for sparsity in (0.1, 0.3, 0.5):
+            recs.append(record("dejavu_static", task, base - sparsity / 5, kv=1 - sparsity, sparsity=sparsity))
+        # sweep points; a value equal to CHAI's default would be the default cell itself, so it is left out
+        for k in swept("num_clusters", (1, 4, 16, 32)):
+            for method, drop in (("chai", 0.0), ("chai_static", 0.01), ("random_groups", 0.03)):
+                recs.append(record(method, task, base - (drop + 0.1) / k, num_clusters=k))
+        for layer in swept("first_clustered_layer", (0, 4, 16)):
+            recs.append(record("chai", task, base - 0.02 / (layer + 1), first_clustered_layer=layer))
+        for n in swept("membership_tokens", (1, 3, 5, 10)):
+            recs.append(record("chai", task, base - 0.05 / n, membership_tokens=n))
+        recs.append(record("mha", task, 0.5, limit=5))  # a smoke run: its own table, never mixed in
+        recs.append(record("chai", task, 0.4, limit=5))
+    return recs
+
+
+def bench_cell(method: str, path: str, batch: int, seq_len: int, oom=False) -> dict:
+    second = next(_clock)
+    speed = 0.7 if method == "chai" else 1.0
+    stats = lambda ms: {"median": ms, "p10": 0.9 * ms, "p90": 1.1 * ms, "n": 8}  # noqa: E731
+    kv = 2 * LAYERS * HEADS * 128 * 2 * batch * seq_len * (0.8 if method == "chai" else 1.0)
+    return {
+        "run_id": f"b{second}", "time": f"2026-01-02T00:00:{second % 60:02d}+0000", "mode": "bench",
+        "kind": "bench_cell", "model": "llama7b", "method": method, "config": {"method": settings(method)},
+        "device": {"name": "H100"}, "oom": oom, "error": "OutOfMemoryError" if oom else None,
+        "bench": {"batch": batch, "seq_len": seq_len, "new_tokens": 8, "path": path, "dtype": "float16",
+                  "ttft_ms": stats(seq_len * 0.05 * speed), "ttnt_ms": stats(20 * speed),
+                  "ttft_no_cluster_ms": stats(seq_len * 0.05),
+                  "kv_bytes": {"analytic": kv, "measured_cache": kv, "allocator_delta": kv, "allocator_peak": 1.2 * kv},
+                  "oom": oom, "error": None},
+    }
+
+
+def bench_records() -> list[dict]:
+    recs = [bench_cell(m, p, b, s) for b in (1, 4) for s in (128, 256, 512)
+            for m, p in (("mha", "sdpa"), ("mha", "eager"), ("chai", "method"))]
+    return recs + [bench_cell("chai", "method", 4, 1024, oom=True)]
+
+
+def membership_record() -> dict:
+    tokens = list(range(1, 21))
+    curve = [max(0.0, 0.5 - 0.03 * t) if t < 20 else 0.0 for t in tokens]
+    return {"run_id": "m1", "time": "2026-01-03T00:00:00+0000", "mode": "membership", "model": "llama7b",
+            "method": "mha", "config": {"membership": {"n_docs": 4}},
+            "membership": {"tokens": tokens, "reference_tokens": 20, "changed_fraction": curve,
+                           "pair_disagreement": [c * 1.5 for c in curve],
+                           "changed_fraction_per_layer": [curve] * LAYERS, "num_clusters": [4] * LAYERS,
+                           "clustered_layers": list(range(LAYERS)), "n_docs": 4}}
+
+
+def calibration_artifact() -> dict:
+    rng = np.random.default_rng(0)
+    corr = np.clip(rng.normal(0.5, 0.3, (LAYERS, HEADS, HEADS)), -1, 1)
+    inertia = [[100.0 / k for k in range(1, HEADS + 1)] for _ in range(LAYERS)]
+    chosen = [4 + layer % 3 for layer in range(LAYERS)]
+    sizes = np.zeros((LAYERS, HEADS + 1))  # clusters of each size (summed over documents) at the chosen k
+    sizes[:, 1], sizes[:, 4], sizes[:, 11] = 40, 30, 10
+    return {"model": "llama7b", "shape": {"layers": LAYERS, "heads": HEADS, "kv_heads": HEADS, "head_dim": 128},
+            "elbow": {"inertia": inertia, "chosen": chosen, "rule": "kneedle: ..."},
+            "correlation": corr.tolist(), "correlation_example": corr[::-1].tolist(),
+            "static_groups": [[list(range(i, i + 8)) for i in range(0, HEADS, 8)]] * LAYERS,
+            "cluster_sizes": sizes.tolist(), "head_importance": np.ones((LAYERS, HEADS)).tolist()}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    root = tmp_path_factory.mktemp("results")
+    for rec in eval_records():
+        append_jsonl(root / "accuracy" / "runs.jsonl", rec)
+    for rec in bench_records():
+        append_jsonl(root / "bench" / "runs.jsonl", rec)
+    append_jsonl(root / "analysis" / "runs.jsonl", membership_record())
+    (root / "calibration").mkdir()
+    (root / "calibration" / "llama7b.json").write_text(json.dumps(calibration_artifact()))
+    with (root / "accuracy" / "runs.jsonl").open("a") as f:
+        f.write('{"torn": ')  # a killed writer's half line: skipped
+    return root
+
+
+@pytest.fixture(scope="module")
+def report(results):
+    return build(results)
+
+
+EXPECTED_FIGURES = ["fig01_accuracy_vs_compute_llama7b", "sweep_clusters_llama7b", "sweep_first_layer_llama7b",
+                    "fig06_correlation_mean_llama7b", "fig07_correlation_example_llama7b", "fig08_elbow_llama7b",
+                    "fig09_membership_changes_llama7b", "fig11_latency_llama7b", "fig12_memory_llama7b",
+                    "fig13_cluster_sizes_llama7b"]
+EXPECTED_TABLES = ["table1_llama7b", "table2_llama7b", "table3_llama7b", "table1_llama7b_limit5"]
+
+
+@pytest.mark.parametrize("stem", EXPECTED_FIGURES)
+def test_every_figure_is_written_as_png_and_pdf(report, results, stem):
+    for suffix in (".png", ".pdf"):
+        path = results / "figures" / f"{stem}{suffix}"
+        assert str(path) in report["written"] and path.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("stem", EXPECTED_TABLES)
+def test_every_table_is_written_as_markdown_and_latex(report, results, stem):
+    md = (results / "tables" / f"{stem}.md").read_text()
+    tex = (results / "tables" / f"{stem}.tex").read_text()
+    assert md.startswith("### ") and "| Method |" in md
+    assert r"\begin{tabular}" in tex and r"\bottomrule" in tex
+
+
+def table_rows(path) -> dict[str, list[str]]:
+    lines = [line for line in path.read_text().splitlines() if line.startswith("| ") and "---" not in line]
+    return {cells[0]: cells[1:] for cells in (line.strip("| ").split(" | ") for line in lines)}
+
+
+def test_table1_mha_absolute_others_as_deltas_with_the_paper_beside(report, results):
+    rows = table_rows(results / "tables" / "table1_llama7b.md")
+    assert rows["Method"] == ["PIQA", "ARC-E", "K,V/token"]
+    assert rows["MHA"][:2] == ["78.0 ± 1.0", "75.0 ± 1.0"]  # the newest MHA record, not the older 73.0
+    assert rows["CHAI"] == ["-2.0 (-2.0)", "-2.0 (+0.3)", "80.0%"]  # the failed CHAI record is ignored
+    assert rows["DejaVu-static 30%"][:2] == ["-6.0", "-6.0"]
+    assert rows["SparQ"][0] == "-1.0"
+    assert rows["n"][:2] == ["1000", "1000"]
+
+
+def test_smoke_runs_get_their_own_table(report, results):
+    rows = table_rows(results / "tables" / "table1_llama7b_limit5.md")
+    assert rows["MHA"][0] == "50.0 ± 1.0" and rows["CHAI"][0] == "-10.0 (-2.0)" and rows["n"][0] == "5"
+
+
+def test_table3_rows_are_the_membership_sweep(report, results):
+    rows = table_rows(results / "tables" / "table3_llama7b.md")
+    for n in swept("membership_tokens", (1, 3, 5, 10)):
+        assert rows[f"CHAI, {n} token{'s' if n > 1 else ''}"][0] == f"{-5 / n:+.1f}"
+    default = settings("chai").get("membership_tokens")
+    if default in (1, 3, 5, 10):  # the default CHAI cell fills its own row
+        assert rows[f"CHAI, {default} token{'s' if default > 1 else ''}"][0] == "-2.0"
+
+
+def test_latest_record_per_cell_and_compute_share(results):
+    from chai.report.loading import load_records
+
+    frame = latest(eval_frame(load_records(results)))
+    mha = frame[(frame["method"] == "mha") & (frame["task"] == "piqa") & frame["limit"].isna()]
+    assert len(mha) == 1 and mha["acc"].iloc[0] == pytest.approx(0.78)
+    four = frame[(frame["method"] == "chai") & frame["settings"].map(lambda s: s.get("num_clusters") == 4)]
+    first = settings("chai").get("first_clustered_layer") or 0
+    assert four["compute"].iloc[0] == pytest.approx((first * HEADS + (LAYERS - first) * 4) / (LAYERS * HEADS))
+
+
+def test_compute_share_prefers_what_the_method_reports():
+    from chai.report.loading import attention_compute
+
+    rec = record("chai", "piqa", 0.7)
+    rec["method_info"] = {"clusters_per_layer": ["dense"] * 2 + [8] * 30}
+    assert attention_compute(rec, {}) == pytest.approx((2 * 32 + 30 * 8) / (32 * 32))
+    assert attention_compute(record("chai", "piqa", 0.7), {}) != attention_compute(rec, {})  # NaN: unknown
+
+
+def test_empty_results_skip_everything_with_a_reason(tmp_path):
+    report = build(tmp_path)
+    assert report["written"] == [] and report["records"] == 0
+    assert any("experiment=table" in why for why in report["skipped"])
+    assert any("experiment=latency" in why for why in report["skipped"])
+
+
+def test_tables_skip_when_only_mha_is_recorded(tmp_path):
+    frame = latest(eval_frame([record("mha", "piqa", 0.7)]))
+    written, skipped = write_tables(frame, tmp_path)
+    assert written == [] and all("no method besides MHA" in why for why in skipped)
+
+
+def test_the_report_never_imports_torch():
+    code = "import sys; import chai.report; assert 'torch' not in sys.modules, 'chai.report imported torch'"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_figures_script_runs_with_defaults_on_a_results_folder(results, tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "figures.py"), "--results", str(results),
+                          "--figures", str(tmp_path / "f"), "--tables", str(tmp_path / "t")],
+                         capture_output=True, text=True, check=True)
+    assert "wrote" in out.stdout and (tmp_path / "f" / "fig08_elbow_llama7b.png").exists()
