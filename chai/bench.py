@@ -11,15 +11,25 @@ Paths (`bench.paths`), each one cell record per (batch, seq_len):
 - `static_compiled`: the baseline with a static cache and the decode step captured as a CUDA graph (or compiled):
   the fastest MHA decode this stack allows.
 - `method`: the method under test with its own attention and cache (comparable to `sdpa`).
-- `method_static`: the method's static cache (optional hook `static_cache(model, batch, max_cache_len)`) with the
-  same captured step (comparable to `static_compiled`). A method without the hook has no such cell.
+- `method_static`: the method's static cache with the same captured step (comparable to `static_compiled`).
 A cell already recorded with the same settings is reused (resume); a cell that fails or runs out of memory is a
 record with `error` (and `oom`), and the grid goes on. Cell records go to the run's runs.jsonl; the run record gets
 a summary.
+
+Optional method hooks the bench uses when present (runners never name a method):
+- `static_cache(model, batch_size, max_cache_len) -> Cache`: enables `method_static`. Tensors allocated once and
+  written in place; a decode step (query length 1) must be capturable: no host sync, no new allocations that
+  outlive the step, and nothing that changes between steps kept in Python (positions live in device tensors).
+  `reset()` empties it in place. K in `layer.keys`, V in `layer.values` (the measured bytes).
+- `describe()["clustering_time_s"]`: cumulative clustering seconds; its growth over a prefill is the part of TTFT
+  reported apart (`ttft_no_cluster_ms`).
+- `kv_bytes_read(config, dtype_bytes, context)`: K,V bytes one decode step reads (`chai.roofline`), when a method
+  reads less than it stores.
 """
 
 import copy
 import gc
+import itertools
 import json
 import time
 from dataclasses import dataclass
@@ -28,11 +38,11 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from chai.attention import AttnShape, kv_bytes
+from chai.attention import kv_bytes
 from chai.errors import ChaiError
-from chai.records import append_jsonl, new_record, read_jsonl
-from chai.roofline import (Allocator, Clock, copy_bandwidth, kv_read_bytes, percentiles, roofline,
-                           weight_bytes_per_step)
+from chai.records import append_jsonl, new_record, read_jsonl, run_key
+from chai.roofline import Allocator, Clock, copy_bandwidth, kv_cache_bytes, percentiles
+from chai.roofline import step_roofline, weight_bytes_per_step
 
 BASELINE_PATHS = ("eager", "sdpa", "static_compiled")
 METHOD_PATHS = ("method", "method_static")
@@ -66,7 +76,7 @@ def decode_n_tokens(step, token, position, n: int, clock: Clock) -> list[float]:
         token, position = step(token, position)
         marks.append(clock.mark())
     clock.sync()
-    return [clock.ms(a, b) for a, b in zip(marks, marks[1:])]
+    return [clock.ms(a, b) for a, b in itertools.pairwise(marks)]
 
 
 class EagerStep:
@@ -80,22 +90,29 @@ class EagerStep:
         return self.fn(token, position).clone(), position + 1
 
 
+def capture_graph(fn, warmup: int):
+    """Run `fn` `warmup` times on a side stream (lazy cuBLAS / allocator state), then capture it as a CUDA graph
+    (capture records, it does not run); returns the graph's replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 class GraphStep:
     """decode_one_token captured once as a CUDA graph over static token/position buffers; a replay decodes the
     next token and advances both buffers in place, so the decode loop launches one graph per token."""
 
-    def __init__(self, model, cache, token, position, warmup_steps: int = 2):
+    def __init__(self, model, cache, token, position, warmup: int = 2):
         self.token, self.position = token.clone(), position.clone()
         self.model, self.cache = model, cache
-        side = torch.cuda.Stream()  # warm-up on a side stream before capture (lazy cuBLAS / allocator state)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup_steps):
-                self._step()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._step()
+        self.replay = capture_graph(self._step, warmup)
 
     def _step(self):
         self.token.copy_(decode_one_token(self.model, self.token, self.position, self.cache))
@@ -105,7 +122,7 @@ class GraphStep:
         if token is not self.token:  # first step of a round: load the prompt's next token and position
             self.token.copy_(token)
             self.position.copy_(position)
-        self.graph.replay()
+        self.replay()
         return self.token, self.position
 
 
@@ -126,7 +143,8 @@ def make_step(kind: str, model, cache, token, position, bcfg):
         return GraphStep(model, cache, token, position, warm)
     if kind == "compile":
         torch._dynamo.reset()  # every cell has new shapes: start clean instead of hitting the recompile limit
-        fn = torch.compile(lambda t, p: decode_one_token(model, t, p, cache), mode=bcfg.compile_mode,
+        mode = bcfg.compile_mode if bcfg.compile_backend == "inductor" else None  # modes are inductor's
+        fn = torch.compile(lambda t, p: decode_one_token(model, t, p, cache), mode=mode,
                            backend=bcfg.compile_backend, fullgraph=True, dynamic=False)
         step = EagerStep(model, cache, fn)
         for _ in range(warm):  # compile (and record the CUDA graph of reduce-overhead) now, not in a timed round
@@ -155,20 +173,20 @@ def set_attn(model, name: str) -> None:
         model.set_attn_implementation(name)
 
 
-def clustering_ms(method) -> float:
-    """Time of the method's clustering step in the last prefill, if it reports one (`describe()["clustering_ms"]`)."""
-    value = method.describe().get("clustering_ms")
-    return float(value) if value is not None else 0.0
+def clustering_s(method) -> float:
+    """Seconds the method has spent clustering so far, if it reports them (`describe()["clustering_time_s"]`,
+    cumulative, measured with a device sync): the bench takes its growth over a prefill."""
+    return float(method.describe().get("clustering_time_s") or 0.0)
 
 
 def run_round(path, model, cache, ids, step, n, clock) -> tuple[float, float, list[float]]:
-    """One timed round on an empty cache: prefill (TTFT, clustering) then `n` decode steps (TTNT per step)."""
-    ttft = []
+    """One timed round on an empty cache: prefill (TTFT, of which clustering) then `n` decode steps (TTNT)."""
+    ttft, before = [], clustering_s(path.method)
     with clock.region(ttft):
         token = prefill(model, ids, cache)
+    cluster_ms = (clustering_s(path.method) - before) * 1e3
     position = torch.full_like(token, ids.shape[1])
-    cluster = clustering_ms(path.method)
-    return ttft[0], cluster, decode_n_tokens(step, token, position, n, clock)
+    return ttft[0], cluster_ms, decode_n_tokens(step, token, position, n, clock)
 
 
 def measure(path: BenchPath, model, ids: torch.Tensor, bcfg, device: torch.device) -> dict:
@@ -191,20 +209,13 @@ def measure(path: BenchPath, model, ids: torch.Tensor, bcfg, device: torch.devic
             return cache
         return path.new_cache(model, batch, max_len)
 
-    warm_ttft, warm_steps, ttft, cluster, steps = [], [], [], [], []
-    for _ in range(int(bcfg.warmup)):
-        cache = fresh(cache)
-        step.cache = cache
-        t, _, s = run_round(path, model, cache, ids, step, n, clock)
-        warm_ttft.append(t)
-        warm_steps += s
-    for _ in range(int(bcfg.repeats)):
-        cache = fresh(cache)
-        step.cache = cache
-        t, c, s = run_round(path, model, cache, ids, step, n, clock)
-        ttft.append(t)
-        cluster.append(c)
-        steps += s
+    rounds = {"warmup": ([], [], []), "timed": ([], [], [])}  # TTFT, clustering, decode steps (ms)
+    for name, count in (("warmup", bcfg.warmup), ("timed", bcfg.repeats)):
+        for _ in range(int(count)):
+            cache = step.cache = fresh(cache)
+            t, c, s = run_round(path, model, cache, ids, step, n, clock)
+            rounds[name][0].append(t), rounds[name][1].append(c), rounds[name][2].extend(s)
+    (warm_ttft, _, warm_steps), (ttft, cluster, steps) = rounds["warmup"], rounds["timed"]
     tokens = max_len if path.static else seq_len
     return {
         "step": kind, "cache": type(cache).__name__, "cache_tokens": tokens,
@@ -218,8 +229,11 @@ def measure(path: BenchPath, model, ids: torch.Tensor, bcfg, device: torch.devic
     }
 
 
-def free_memory(device: torch.device) -> None:
-    gc.collect()
+def free_memory(device: torch.device, collect: bool = False) -> None:
+    """Return a cell's memory before the next: `collect` after a failure, whose traceback cycles may hold tensors
+    (a full gc pass costs ~0.5 s with transformers loaded, too much for every cell)."""
+    if collect:
+        gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -238,40 +252,11 @@ def measure_safely(path, model, ids, bcfg, device, default_attn: str) -> dict:
         result = {"oom": False, "error": f"{type(err).__name__}: {err}"}
     finally:
         set_attn(model, default_attn)
-    free_memory(device)
+    free_memory(device, collect=bool(result["error"]))
     return result
 
 
 # ---------------------------------------------------------------------------------------------- records
-def kv_section(path: BenchPath, model, batch: int, tokens: int, measured: dict | None) -> dict:
-    """K,V bytes of the cache: analytic (the method's per-token count x batch x tokens), measured from the cache
-    tensors and the allocator, and what the method saves against dense MHA."""
-    dtype_bytes = model.dtype.itemsize
-    per = path.method.kv_bytes_per_token(model.config, dtype_bytes)
-    dense = AttnShape.of(model.config).dense_kv_bytes_per_token(dtype_bytes)
-    analytic = batch * tokens * (per["k"] + per["v"])
-    dense_total = batch * tokens * (dense["k"] + dense["v"])
-    measured = measured or {"measured_cache": None, "allocator_delta": None, "allocator_peak": None}
-    held = measured["measured_cache"]
-    return {
-        "tokens": tokens, "analytic": analytic, "analytic_k": batch * tokens * per["k"],
-        "analytic_v": batch * tokens * per["v"], **measured, "dense_analytic": dense_total,
-        "saved_analytic": dense_total - analytic, "saved_measured": None if held is None else dense_total - held,
-    }
-
-
-def path_roofline(path: BenchPath, model, bandwidth: float, weights: int, batch: int, seq_len: int, n: int,
-                  baseline) -> dict:
-    """Roofline of a decode step of this path at the mean context of the timed steps, and of dense MHA."""
-    dtype_bytes = model.dtype.itemsize
-    context = seq_len + (n + 1) / 2  # step i (0-based) attends to seq_len + i + 1 tokens
-    mine = roofline(bandwidth, weights, kv_read_bytes(path.method, model.config, dtype_bytes, context), batch)
-    mha = roofline(bandwidth, weight_bytes_per_step(model), kv_read_bytes(baseline, model.config, dtype_bytes,
-                                                                          context), batch)
-    mine["context_tokens"] = context
-    return {"roofline": mine, "roofline_predicted_speedup_vs_mha": mha["time_ms"] / mine["time_ms"]}
-
-
 def ratio(num, den):
     return num / den if num is not None and den else None
 
@@ -297,7 +282,7 @@ def annotate(group: dict[str, dict]) -> None:
 def cell_config(config: dict, path: BenchPath, batch: int, seq_len: int, device_name: str) -> dict:
     """The settings that define one cell (its run key): the run's config with the path's method, without the grid
     lists, plus batch, seq_len, path and the device it ran on."""
-    cell = copy.deepcopy(config)
+    cell = {k: copy.deepcopy(v) for k, v in config.items() if k != "resume"}
     cell["method"] = path.method_cfg
     cell["bench"] = {k: v for k, v in cell["bench"].items() if k not in GRID_KEYS}
     cell["bench"]["cell"] = {"batch": batch, "seq_len": seq_len, "path": path.name, "device": device_name}
@@ -374,12 +359,13 @@ def cell_record(rec: dict, path: BenchPath, model, result: dict, batch: int, seq
                 weights: int, baseline) -> dict:
     """Fill a cell record from a measurement (or a failure): timings, K,V bytes, roofline."""
     n = int(bcfg.new_tokens)
-    kv = kv_section(path, model, batch, seq_len + n if path.static else seq_len, result.pop("kv_measured", None))
+    kv = kv_cache_bytes(path.method, model, batch, seq_len + n if path.static else seq_len,
+                        result.pop("kv_measured", None))
     empty = percentiles([])
     bench = {"batch": batch, "seq_len": seq_len, "new_tokens": n, "path": path.name,
              "dtype": str(model.dtype).replace("torch.", ""), "bandwidth": bandwidth, "ttft_ms": empty,
              "ttft_no_cluster_ms": empty, "ttnt_ms": empty, **result, "kv_bytes": kv,
-             **path_roofline(path, model, bandwidth["bandwidth_GBps"], weights, batch, seq_len, n, baseline)}
+             **step_roofline(path.method, model, bandwidth["bandwidth_GBps"], weights, batch, seq_len, n, baseline)}
     median = bench["ttnt_ms"]["median"]
     bench["roofline"]["fraction_of_roofline"] = ratio(bench["roofline"]["time_ms"], median)
     bench["tokens_per_s"] = ratio(batch * 1e3, median)
@@ -417,12 +403,12 @@ def run(cfg, record: dict) -> dict:
             ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=generator).to(device)
             group, fresh = {}, []
             for path in paths:
-                rec = new_record(cell_config(config, path, batch, seq_len, record["device"]["name"]),
-                                 record["overrides"], "bench")
-                if cfg.resume and rec["run_key"] in done:
-                    group[path.name] = done[rec["run_key"]]
+                cell = cell_config(config, path, batch, seq_len, record["device"]["name"])
+                if cfg.resume and run_key(cell) in done:
+                    group[path.name] = done[run_key(cell)]
                     counts["reused"] += 1
                     continue
+                rec = new_record(cell, record["overrides"], "bench")
                 result = measure_safely(path, model, ids, bcfg, device, default_attn)
                 group[path.name] = cell_record(rec, path, model, result, batch, seq_len, bcfg, bandwidth,
                                                weights[path.name], baseline)
@@ -434,6 +420,7 @@ def run(cfg, record: dict) -> dict:
                 append_jsonl(out_path, rec)
                 print(cell_line(rec), flush=True)
     return {
+        "kind": "bench_run",
         "bench_summary": {**counts, "paths": [p.name for p in paths], "skipped_paths": skipped,
                           "bandwidth": bandwidth, "cells_path": str(out_path)},
         "timing": {"wall_s": time.perf_counter() - started},

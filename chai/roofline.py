@@ -14,6 +14,8 @@ from contextlib import contextmanager
 
 import torch
 
+from chai.attention import AttnShape
+
 
 def percentiles(samples_ms: list[float]) -> dict:
     """{"median", "p10", "p90", "n"} of a list of times in ms (None when empty)."""
@@ -152,3 +154,32 @@ class Allocator:
             return None
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - self.base
+
+
+def kv_cache_bytes(method, model, batch: int, tokens: int, measured: dict | None) -> dict:
+    """K,V bytes of the cache: analytic (the method's per-token count x batch x tokens), measured from the cache
+    tensors and the allocator, and what the method saves against dense MHA."""
+    dtype_bytes = model.dtype.itemsize
+    per = method.kv_bytes_per_token(model.config, dtype_bytes)
+    dense = AttnShape.of(model.config).dense_kv_bytes_per_token(dtype_bytes)
+    analytic = batch * tokens * (per["k"] + per["v"])
+    dense_total = batch * tokens * (dense["k"] + dense["v"])
+    measured = measured or {"measured_cache": None, "allocator_delta": None, "allocator_peak": None}
+    held = measured["measured_cache"]
+    return {
+        "tokens": tokens, "analytic": analytic, "analytic_k": batch * tokens * per["k"],
+        "analytic_v": batch * tokens * per["v"], **measured, "dense_analytic": dense_total,
+        "saved_analytic": dense_total - analytic, "saved_measured": None if held is None else dense_total - held,
+    }
+
+
+def step_roofline(method, model, bandwidth: float, weights: int, batch: int, seq_len: int, n: int, baseline) -> dict:
+    """Roofline of a decode step of `method` (weights: its `weight_bytes_per_step`) at the mean context of `n`
+    decode steps after a `seq_len` prompt, and the speedup over the `baseline` (MHA) roofline it predicts."""
+    dtype_bytes = model.dtype.itemsize
+    context = seq_len + (n + 1) / 2  # step i (0-based) attends to seq_len + i + 1 tokens
+    mine = roofline(bandwidth, weights, kv_read_bytes(method, model.config, dtype_bytes, context), batch)
+    mha = roofline(bandwidth, weight_bytes_per_step(model), kv_read_bytes(baseline, model.config, dtype_bytes,
+                                                                          context), batch)
+    mine["context_tokens"] = context
+    return {"roofline": mine, "roofline_predicted_speedup_vs_mha": mha["time_ms"] / mine["time_ms"]}

@@ -1,0 +1,131 @@
+"""Clustered decode attention (CHAI, Agarwal et al., ICML 2024): one query token per sequence, K stored only for
+each cluster's representative head, V for every head; every head of a cluster uses the attention probabilities of
+its representative:
+
+    out[b, h] = softmax(q[b, rep(c(h))] . K_rep[b, c(h)]^T * scaling) @ V[b, h]
+
+A decode step then reads C*S*D of K and H*S*D of V instead of 2*H*S*D. With one cluster per head (labels =
+reps = arange(H)) it is plain multi-head decode attention.
+
+`clustered_decode_attention` runs a split-K (flash-decoding) Triton kernel on CUDA, and under TRITON_INTERPRET=1 on
+the CPU (how the tests check it); elsewhere it falls back to `clustered_attention_reference`, the pure-PyTorch
+definition, which also handles any number of query tokens and a boolean mask (prefill).
+
+Kernel layout: one program per (batch, head, split of the context). Programs are ordered by cluster, so the heads
+that share a representative's K block run side by side and read it through L2; each program recomputes the
+representative's scores (cheap: decode is memory-bound) and accumulates p @ V for its own head with an online
+softmax. A few PyTorch ops then merge the splits. Nothing synchronises with the host and every shape is fixed by
+the cache tensors, so the call can be captured in a CUDA graph; `kv_len` (a device tensor) says how much of a
+static cache is filled.
+"""
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def default_indices(k_rep, v, labels, reps, k_index=None, v_index=None):
+    """k_index [B, C]: the K entry (dim 1 of k_rep) each cluster reads, default arange(C); v_index [B, H]: the V
+    head each query head reads, default h // (H / Hv) (GQA groups; plain h for MHA)."""
+    batch, heads = labels.shape
+    if k_index is None:
+        k_index = torch.arange(reps.shape[1], device=reps.device).expand(batch, -1)
+    if v_index is None:
+        v_index = (torch.arange(heads, device=labels.device) // (heads // v.shape[1])).expand(batch, -1)
+    return k_index, v_index
+
+
+def clustered_attention_reference(q, k_rep, v, labels, reps, scaling, mask=None, kv_len=None, k_index=None,
+                                  v_index=None):
+    """q [B, H, Tq, D]; k_rep [B, Ck, S, D] (K of the kept heads); v [B, Hv, S, D]; labels [B, H] (cluster of each
+    query head); reps [B, C] (the query head scoring each cluster); mask [B, 1, Tq, S] bool (True = attend) or
+    None; kv_len: valid prefix of the cache ([] or [B] tensor, or int) or None; k_index, v_index: see
+    `default_indices`. Returns [B, H, Tq, D] in v's dtype (float32 math)."""
+    batch, heads, tq, dim = q.shape
+    clusters, length = reps.shape[1], k_rep.shape[2]
+    k_index, v_index = default_indices(k_rep, v, labels, reps, k_index, v_index)
+    q_rep = q.gather(1, reps[:, :, None, None].expand(batch, clusters, tq, dim))  # [B, C, Tq, D]
+    k_sel = k_rep.gather(1, k_index[:, :, None, None].expand(batch, clusters, length, dim))  # [B, C, S, D]
+    scores = torch.matmul(q_rep.float(), k_sel.float().transpose(-1, -2)) * scaling  # [B, C, Tq, S]
+    valid = torch.ones(1, 1, 1, length, dtype=torch.bool, device=q.device)
+    if kv_len is not None:
+        limit = torch.as_tensor(kv_len, device=q.device).reshape(-1, 1, 1, 1)
+        valid = torch.arange(length, device=q.device) < limit
+    if mask is not None:
+        valid = valid & mask
+    probs = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)
+    probs = probs.gather(1, labels[:, :, None, None].expand(batch, heads, tq, length))  # [B, H, Tq, S]
+    v_sel = v.gather(1, v_index[:, :, None, None].expand(batch, heads, length, v.shape[-1]))  # [B, H, S, D]
+    return torch.matmul(probs, v_sel.float()).to(v.dtype)
+
+
+@functools.cache
+def _kernel():
+    """The Triton kernel, imported on first use: importing this module never imports triton (the interpreter
+    must be switched on before triton's first import, and CPU-only installs have no triton)."""
+    from chai.kernels._clustered_decode_triton import clustered_decode_kernel
+
+    return clustered_decode_kernel
+
+
+def _use_triton(q: torch.Tensor) -> bool:
+    return HAVE_TRITON and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _kv_len(kv_len, batch: int, length: int, device) -> torch.Tensor:
+    """[B] int32 valid lengths on the device (no host sync: a tensor stays a tensor)."""
+    if kv_len is None:
+        return torch.full((batch,), length, dtype=torch.int32, device=device)
+    return torch.as_tensor(kv_len, device=device).to(torch.int32).reshape(-1).expand(batch).contiguous()
+
+
+def split_plan(batch: int, heads: int, length: int, block: int, target_programs: int = 1024) -> tuple[int, int]:
+    """(splits, tiles per split): about `target_programs` programs (batch * heads * splits) to fill the GPU. The
+    split length is the tile times a power of two, so a growing dynamic cache compiles only log2-many variants."""
+    tiles = 1
+    while tiles * block < length and batch * heads * -(-length // (tiles * block)) > target_programs:
+        tiles *= 2
+    return -(-length // (tiles * block)), tiles
+
+
+def clustered_decode_attention(q, k_rep, v, labels, reps, scaling: float, kv_len=None, k_index=None, v_index=None):
+    """Decode attention with clustered heads. q [B, H, 1, D] (or [B, H, D]); k_rep [B, C, S, D]: K of each
+    cluster's representative (or any kept-K layout, read through k_index [B, C]); v [B, H, S, D] (GQA: [B, Hv, S, D],
+    read through v_index [B, H]); labels [B, H] int: cluster of each head; reps [B, C] int: the query head scoring
+    each cluster; kv_len: valid cache length ([] or [B] tensor, or int; None = S). Returns [B, H, 1, D] (or
+    [B, H, D]) in v's dtype."""
+    squeeze = q.dim() == 3
+    q4 = q[:, :, None] if squeeze else q
+    if not _use_triton(q4):
+        out = clustered_attention_reference(q4, k_rep, v, labels, reps, scaling, kv_len=kv_len, k_index=k_index,
+                                            v_index=v_index)
+        return out[:, :, 0] if squeeze else out
+    batch, heads, _, dim = q4.shape
+    clusters, length = reps.shape[1], k_rep.shape[2]
+    k_index, v_index = default_indices(k_rep, v, labels, reps, k_index, v_index)
+    q3 = q4[:, :, 0]
+    q3, k_rep, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q3, k_rep, v))
+    block_d = 1 << (dim - 1).bit_length()  # next power of 2
+    block_s = max(16, min(64, 4096 // block_d))
+    splits, tiles = split_plan(batch, heads, length, block_s)
+    order = torch.argsort(labels, dim=1, stable=True).contiguous()  # heads grouped by cluster: K_rep reuse in L2
+    acc = torch.empty(batch, heads, splits, block_d, dtype=torch.float32, device=q.device)
+    m = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
+    lse = torch.empty_like(m)
+    _kernel()[(batch * heads, splits)](
+        q3, k_rep, v, order, labels.contiguous(), reps.contiguous(), k_index.contiguous(), v_index.contiguous(),
+        _kv_len(kv_len, batch, length, q.device), acc, m, lse,
+        q3.stride(0), q3.stride(1), k_rep.stride(0), k_rep.stride(1), k_rep.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        heads, clusters, splits, float(scaling),
+        HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_S=block_s, TILES=tiles, num_warps=4,
+    )
+    # Merge the splits: each holds (max score, sum of exp, un-normalised p @ V); empty splits have m = -inf.
+    weight = torch.exp(m - m.amax(dim=-1, keepdim=True))  # [B, H, splits]
+    out = (acc * weight[..., None]).sum(2) / (lse * weight).sum(-1, keepdim=True)  # [B, H, BLOCK_D]
+    out = out[..., :dim].to(v.dtype)
+    return out if squeeze else out[:, :, None]

@@ -1,0 +1,137 @@
+"""The fused clustered-decode kernel equals its PyTorch reference (run by Triton's interpreter on the CPU), and the
+reference is CHAI's formula: with one cluster per head it is plain multi-head attention."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# Triton's interpreter runs the kernel on CPU tensors, but only if it is on before triton's first import (triton
+# binds its language functions then, and torch._dynamo imports triton whenever it is installed). When this process
+# imported triton earlier, the same tests run in a fresh interpreter instead (the last test).
+INTERPRETING = "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1"
+if INTERPRETING:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from chai.kernels import clustered_decode as kd
+
+needs_interpreter = pytest.mark.skipif(
+    not (kd.HAVE_TRITON and INTERPRETING),
+    reason="triton is not installed, or was imported before TRITON_INTERPRET=1 (then the last test runs these)",
+)
+
+
+def random_clusters(batch: int, heads: int, clusters: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """labels [B, H] with every cluster non-empty, reps [B, C]: a random member of each cluster."""
+    labels = torch.stack([torch.randperm(heads, generator=generator) % clusters for _ in range(batch)])
+    reps = torch.stack([
+        torch.stack([(labels[b] == c).nonzero()[torch.randint(0, int((labels[b] == c).sum()), (1,),
+                                                             generator=generator)].squeeze() for c in range(clusters)])
+        for b in range(batch)
+    ])
+    return labels, reps
+
+
+def inputs(batch, heads, clusters, length, dim, dtype, seed=0, capacity=None):
+    """q [B,H,1,D], K_rep [B,C,S,D] and V [B,H,S,D] as views into larger static-cache-like buffers (capacity
+    tokens), so the kernel sees the strides a static cache gives it."""
+    g = torch.Generator().manual_seed(seed)
+    capacity = capacity or length
+    q = torch.randn(batch, heads, 1, dim, generator=g).to(dtype)
+    k = torch.randn(batch, clusters, capacity, dim, generator=g).to(dtype)[:, :, :length]
+    v = torch.randn(batch, heads, capacity, dim, generator=g).to(dtype)[:, :, :length]
+    return q, k, v, *random_clusters(batch, heads, clusters, g)
+
+
+@pytest.mark.parametrize(
+    "batch,heads,clusters,length,dim,kv_len",
+    [
+        (2, 8, 3, 37, 16, None),  # one split, a partial tile
+        (1, 4, 2, 300, 12, [100]),  # several splits, empty ones past kv_len, head_dim not a power of 2
+        (3, 6, 6, 70, 8, [70, 1, 33]),  # one cluster per head, a single valid token
+        (2, 5, 1, 129, 16, [129, 64]),  # a single cluster for every head
+    ],
+)
+@needs_interpreter
+def test_kernel_matches_reference(batch, heads, clusters, length, dim, kv_len):
+    q, k, v, labels, reps = inputs(batch, heads, clusters, length, dim, torch.float32, capacity=length + 7)
+    kv = None if kv_len is None else torch.tensor(kv_len)
+    out = kd.clustered_decode_attention(q, k, v, labels, reps, dim**-0.5, kv_len=kv)
+    ref = kd.clustered_attention_reference(q, k, v, labels, reps, dim**-0.5, kv_len=kv)
+    assert out.shape == (batch, heads, 1, dim) and out.dtype == v.dtype
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+@needs_interpreter
+def test_kernel_half_precision_and_3d_query():
+    q, k, v, labels, reps = inputs(2, 8, 4, 90, 16, torch.float16, seed=1)
+    kv = torch.tensor(60)  # a 0-d device tensor, as a static cache layer's fill counter
+    out = kd.clustered_decode_attention(q[:, :, 0], k, v, labels, reps, 0.25, kv_len=kv)
+    ref = kd.clustered_attention_reference(q.float(), k.float(), v.float(), labels, reps, 0.25, kv_len=kv)
+    assert out.shape == (2, 8, 16) and out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), ref[:, :, 0], atol=2e-3, rtol=2e-3)
+
+
+@needs_interpreter
+def test_one_cluster_per_head_is_multi_head_decode():
+    q, k, v, _, _ = inputs(2, 6, 6, 50, 16, torch.float32, seed=2)
+    identity = torch.arange(6).expand(2, 6)
+    dense = F.scaled_dot_product_attention(q, k, v, scale=0.3)
+    torch.testing.assert_close(kd.clustered_decode_attention(q, k, v, identity, identity, 0.3), dense,
+                               atol=1e-5, rtol=1e-5)
+
+
+@needs_interpreter
+def test_compact_k_slots_and_grouped_values():
+    """CHAI's cache layout: K kept in a few slots (each cluster reads its slot through k_index, two clusters may
+    share one under GQA), V for the KV heads only (each query head reads v_index)."""
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 8, 1, 16, generator=g)
+    k, v = torch.randn(2, 3, 40, 16, generator=g), torch.randn(2, 4, 40, 16, generator=g)  # 3 K slots, 4 KV heads
+    labels = torch.tensor([[0, 0, 1, 1, 2, 2, 2, 0], [1, 1, 1, 0, 0, 2, 2, 2]])
+    reps, k_index = torch.tensor([[1, 2, 6], [0, 3, 7]]), torch.tensor([[2, 0, 1], [1, 1, 0]])
+    v_index, kv_len = (torch.arange(8) // 2).expand(2, -1), torch.tensor([40, 25])
+    out = kd.clustered_decode_attention(q, k, v, labels, reps, 0.25, kv_len, k_index=k_index, v_index=v_index)
+    for b in range(2):
+        n = int(kv_len[b])
+        for h in range(8):
+            c = int(labels[b, h])
+            p = torch.softmax(q[b, int(reps[b, c]), 0] @ k[b, int(k_index[b, c]), :n].T * 0.25, dim=-1)
+            torch.testing.assert_close(out[b, h, 0], p @ v[b, h // 2, :n], atol=2e-5, rtol=2e-5)
+
+
+def test_reference_members_share_their_representatives_probabilities():
+    """Prefill form (many query tokens, causal mask): a member's output is its representative's attention
+    probabilities applied to the member's own V."""
+    g = torch.Generator().manual_seed(3)
+    q, k_full, v = (torch.randn(1, 4, 9, 8, generator=g) for _ in range(3))
+    labels, reps = torch.tensor([[0, 0, 1, 1]]), torch.tensor([[1, 2]])
+    mask = torch.ones(9, 9, dtype=torch.bool).tril()[None, None]
+    out = kd.clustered_attention_reference(q, k_full[:, reps[0]], v, labels, reps, 0.5, mask=mask)
+    probs = torch.softmax((q @ k_full.transpose(-1, -2) * 0.5).masked_fill(~mask, float("-inf")), dim=-1)
+    for head, rep in ((0, 1), (1, 1), (2, 2), (3, 2)):
+        torch.testing.assert_close(out[0, head], probs[0, rep] @ v[0, head])
+
+
+def test_without_triton_the_reference_runs(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # a CPU tensor outside the interpreter: the reference
+    q, k, v, labels, reps = inputs(1, 4, 2, 20, 8, torch.float32)
+    assert not kd._use_triton(q) and os.environ.get("TRITON_INTERPRET") is None
+    torch.testing.assert_close(kd.clustered_decode_attention(q, k, v, labels, reps, 0.5),
+                               kd.clustered_attention_reference(q, k, v, labels, reps, 0.5))
+
+
+@pytest.mark.skipif(INTERPRETING or not kd.HAVE_TRITON, reason="the kernel tests ran in this process")
+def test_kernel_in_a_fresh_interpreter():
+    """The kernel tests of this file in a process where TRITON_INTERPRET=1 comes before triton's import."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-o", "addopts=", "-q", "-p", "no:cacheprovider",
+         "-k", "not fresh_interpreter"],
+        env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True, text=True, timeout=900, check=False,
+    )
+    assert done.returncode == 0 and " passed" in done.stdout and "skipped" not in done.stdout, done.stdout[-4000:]
