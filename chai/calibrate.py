@@ -1,4 +1,4 @@
-"""mode=calibrate: CHAI's offline phase, once per model (Agarwal et al., ICML 2024, Sec. 4.1 and Fig. 6).
+"""mode=calibrate: CHAI's offline phase, once per model (Agarwal et al., ICML 2024: elbow of the K-Means error).
 
 Run the model over calibration text (the paper: 1024 C4 documents), take each layer's per-head attention-score
 distributions (causal softmax over the first `feature_tokens` tokens of a document, lower triangle flattened), and
@@ -10,8 +10,8 @@ the layer's elbow curve; the cluster count is read off the elbow by a fixed rule
 - `fraction`: the smallest k whose mean inertia is at most `elbow.fraction` of the inertia at k=1.
 
 `calibration.counts=[...]` overrides the rule. The artifact results/calibration/<model>.json also holds the
-head-correlation matrices (CHAI Fig. 3), the grouping CHAI-static uses, cluster-size histograms and DejaVu-style
-head importance. `load_or_calibrate` is what methods call; `run` is the mode runner.
+head-correlation matrices (the paper's redundancy evidence), the grouping CHAI-static uses, cluster-size
+histograms and DejaVu-style head importance. `load_or_calibrate` is what methods call; `run` is the mode runner.
 """
 
 import json
@@ -130,22 +130,26 @@ class _Totals:
 
     def add(self, seen: dict, lengths: torch.Tensor) -> None:
         valid = torch.arange(int(lengths.max()))[None] < lengths[:, None]  # [B, T] real (unpadded) tokens
-        for layer, (features, norms) in sorted(seen.items()):
-            # features [B, H, F] stay on the model's device (K-Means for k = 1..H is the bulk of the work)
-            centered = features.double() - features.double().mean(-1, keepdim=True)
-            unit = torch.nn.functional.normalize(centered, dim=-1)
-            corr = (unit @ unit.transpose(1, 2)).cpu()  # [B, H, H]
-            self.correlation[layer] += corr.sum(0)
-            if self.docs == 0:
-                self.example[layer] = corr[0]
-            self.importance[layer] += (norms.double().cpu() * valid[:, None]).sum((0, 2))
-            heads = features.shape[1]
-            for k in range(1, heads + 1):
-                labels, inertia = kmeans(features, k)
-                self.inertia[layer, k - 1] += inertia.sum().item()
-                self.coassoc[layer, k - 1] += (labels[:, :, None] == labels[:, None, :]).double().sum(0).cpu()
-                sizes = torch.nn.functional.one_hot(labels, k).sum(1).flatten().cpu()  # members of each cluster
-                self.sizes[layer, k - 1] += torch.bincount(sizes, minlength=heads + 1).double()
+        layers = sorted(seen)
+        # every layer's documents at once: K-Means for k = 1..H on [L * B, H, F], on the model's device
+        features = torch.stack([seen[layer][0] for layer in layers])  # [L, B, H, F]
+        n_layers, batch, heads, _ = features.shape
+        centered = features.double() - features.double().mean(-1, keepdim=True)
+        unit = torch.nn.functional.normalize(centered, dim=-1)
+        corr = (unit @ unit.transpose(-1, -2)).cpu()  # [L, B, H, H]
+        self.correlation[layers] += corr.sum(1)
+        if self.docs == 0:
+            self.example[layers] = corr[:, 0]
+        norms = torch.stack([seen[layer][1] for layer in layers]).double().cpu()  # [L, B, H, T]
+        self.importance[layers] += (norms * valid[None, :, None]).sum((1, 3))
+        flat = features.reshape(n_layers * batch, heads, -1)
+        for k in range(1, heads + 1):
+            labels, inertia = kmeans(flat, k)
+            labels = labels.reshape(n_layers, batch, heads)
+            self.inertia[layers, k - 1] += inertia.reshape(n_layers, batch).sum(1).double().cpu()
+            self.coassoc[layers, k - 1] += (labels[..., :, None] == labels[..., None, :]).double().sum(1).cpu()
+            sizes = torch.nn.functional.one_hot(labels, k).sum(2).cpu()  # [L, B, k] members of each cluster
+            self.sizes[layers, k - 1] += torch.nn.functional.one_hot(sizes, heads + 1).sum((1, 2)).double()
         self.tokens += int(valid.sum())
         self.docs += len(lengths)
 
@@ -168,7 +172,7 @@ def calibrate(model, tokenizer, settings: dict, configured_data_dir=None, model_
             for row, doc in enumerate(batch):
                 ids[row, : len(doc)] = doc
             capture.seen.clear()
-            model(ids.to(model.device), use_cache=False)
+            model.base_model(ids.to(model.device), use_cache=False)  # no LM head: only attention is needed
             totals.add(capture.seen, lengths)
     return _artifact(totals, shape, settings, model_name, hf_id, len(docs), time.perf_counter() - started)
 
@@ -188,7 +192,9 @@ def _artifact(totals: _Totals, shape: AttnShape, settings, model_name, hf_id, n_
             "inertia over documents" if elbow["rule"] == "kneedle"
             else f"fraction: smallest k with I_k <= {elbow['fraction']} * I_1, I = mean K-Means inertia over documents"
         )
-    coassoc = [totals.coassoc[layer, k - 1] / totals.docs for layer, k in enumerate(chosen)]
+    coassoc = totals.coassoc / totals.docs  # [L, k-1, H, H]
+    counts = range(1, shape.heads + 1)
+    by_count = [[consensus_groups(coassoc[layer, k - 1], k) for k in counts] for layer in range(shape.layers)]
     return {
         "model": model_name,
         "hf_id": hf_id,
@@ -198,10 +204,11 @@ def _artifact(totals: _Totals, shape: AttnShape, settings, model_name, hf_id, n_
         "elbow": {"inertia": curves, "chosen": chosen, "rule": rule},
         "correlation": (totals.correlation / totals.docs).tolist(),
         "correlation_example": totals.example.tolist(),
-        "static_groups": [consensus_groups(c, k) for c, k in zip(coassoc, chosen)],
-        "static_rule": "average-linkage cut of the co-association matrix (share of documents in which two heads "
-        "fall in one K-Means cluster at the chosen count) into the chosen count",
-        "coassociation": [c.tolist() for c in coassoc],
+        "static_groups": [by_count[layer][k - 1] for layer, k in enumerate(chosen)],
+        "static_groups_by_count": by_count,
+        "static_rule": "average-linkage cut into k groups of the co-association matrix at k (share of documents in "
+        "which two heads fall in one K-Means cluster when clustered into k)",
+        "coassociation": [coassoc[layer, k - 1].tolist() for layer, k in enumerate(chosen)],
         "cluster_sizes": [totals.sizes[layer, k - 1].tolist() for layer, k in enumerate(chosen)],
         "head_importance": (totals.importance / max(totals.tokens, 1)).tolist(),
         "time_s": seconds,
@@ -240,7 +247,7 @@ def load_or_calibrate(model, context: RunContext | None = None) -> dict:
     if path.exists():
         return check_shape(json.loads(path.read_text()), model, path)
     if not settings["auto"]:
-        raise ChaiError(f"no calibration artifact {path}: run `python run.py mode=calibrate model={context.model_name}`.")
+        raise ChaiError(f"no calibration artifact {path}: run python run.py mode=calibrate model={context.model_name}")
     if context.tokenizer is None:
         raise ChaiError(f"no calibration artifact {path} and no tokenizer to make one: run mode=calibrate first.")
     hf_id = cfg.model.get("hf_id") if cfg is not None else None

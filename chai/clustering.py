@@ -1,13 +1,13 @@
 """Clustering attention heads: batched deterministic K-Means, agglomerative (the reference code's), representatives,
 and the `Membership` a clustered layer runs with.
 
-CHAI (Agarwal et al., ICML 2024, Sec. 4) groups the heads of a layer whose attention-score distributions are alike,
+CHAI (Agarwal et al., ICML 2024) groups the heads of a layer whose attention-score distributions are alike,
 computes softmax(QK^T) once per group and shares it. Features are per-head vectors (flattened causal attention
 probabilities over a few tokens); every function here works on a batch of independent problems, one per request
 (`features [B, H, F]`), because each request gets its own membership.
 
 Labels are canonical: clusters are numbered by their lowest member head, so equal partitions have equal labels and
-clusters that ended up empty (only possible when heads are exact duplicates) come last.
+clusters that ended up empty (only when heads are duplicates, up to rounding) come last.
 """
 
 from dataclasses import dataclass
@@ -21,9 +21,15 @@ REPRESENTATIVES = ("first", "medoid")
 
 
 def _sqdist(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
-    """x [B, N, F], centers [B, K, F] -> squared Euclidean distances [B, N, K] (exact difference form, no
-    cancellation: identical points get exactly 0)."""
-    return (x[:, :, None, :] - centers[:, None, :, :]).pow(2).sum(-1)
+    """x [B, N, F], centers [B, K, F] -> squared Euclidean distances [B, N, K] (matmul form, clamped at 0; identical
+    points get identical rows, so they always pick the same center)."""
+    cross = x @ centers.transpose(1, 2)
+    return (x.pow(2).sum(-1)[..., None] + centers.pow(2).sum(-1)[:, None, :] - 2 * cross).clamp(min=0)
+
+
+def _tolerance(x: torch.Tensor) -> torch.Tensor:
+    """[B, 1]: squared distances below this are rounding, not separation (points this close count as duplicates)."""
+    return 1e-5 * x.pow(2).sum(-1).mean(-1, keepdim=True).clamp(min=1e-30)
 
 
 def _farthest_point_init(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -33,6 +39,7 @@ def _farthest_point_init(x: torch.Tensor, k: int) -> torch.Tensor:
     centers = [x[:, 0]]
     nearest = _sqdist(x, x[:, :1]).squeeze(-1)  # [B, N]
     for _ in range(1, k):
+        nearest = torch.where(nearest > _tolerance(x), nearest, torch.zeros_like(nearest))
         pick = nearest.argmax(dim=1)
         centers.append(x[rows, pick])
         nearest = torch.minimum(nearest, _sqdist(x, x[rows, pick][:, None]).squeeze(-1))
@@ -51,8 +58,8 @@ def _means(x: torch.Tensor, labels: torch.Tensor, old: torch.Tensor) -> tuple[to
 
 def _refill_empty(x, labels, centers, sizes):
     """Give each empty cluster the point farthest from its own center, taken from a cluster with two or more
-    members (sklearn's rule, made deterministic). Rows where every point sits on its center keep the empty
-    cluster: their heads are exact duplicates and cannot fill k distinct clusters."""
+    members (sklearn's rule, made deterministic). Rows where every point lies within rounding of its center keep
+    the empty cluster: their heads are duplicates and cannot fill k distinct clusters."""
     rows = torch.arange(x.shape[0], device=x.device)
     for _ in range(centers.shape[1]):
         empty = sizes == 0
@@ -62,7 +69,7 @@ def _refill_empty(x, labels, centers, sizes):
         movable = sizes.gather(1, labels) > 1
         own = torch.where(movable, own, torch.zeros_like(own))
         far, point = own.max(dim=1)
-        fix = empty.any(1) & (far > 0)
+        fix = empty.any(1) & (far > _tolerance(x)[:, 0])
         if not fix.any():
             break
         target = empty.float().argmax(1)  # the first empty cluster of each row
@@ -80,6 +87,7 @@ def kmeans(features: torch.Tensor, k: int, iters: int = 100) -> tuple[torch.Tens
     Ties go to the lowest cluster index, so identical points always share a cluster.
     """
     x = features.float()
+    x = x - x.mean(1, keepdim=True)  # distances are shift-invariant; centring keeps the matmul form's rounding small
     centers = _farthest_point_init(x, k)
     labels = _sqdist(x, centers).argmin(-1)
     for _ in range(iters):
@@ -142,7 +150,8 @@ def canonical(labels: torch.Tensor, k: int) -> torch.Tensor:
     lowest = torch.full((batch, k), n, device=labels.device, dtype=torch.long)
     lowest = lowest.scatter_reduce(1, labels, heads, reduce="amin")  # [B, K]: lowest member (n if empty)
     order = lowest.argsort(dim=1, stable=True)
-    rank = torch.empty_like(lowest).scatter_(1, order, torch.arange(k, device=labels.device).expand(batch, k).contiguous())
+    ranks = torch.arange(k, device=labels.device).expand(batch, k).contiguous()
+    rank = torch.empty_like(lowest).scatter_(1, order, ranks)
     return rank.gather(1, labels)
 
 

@@ -16,7 +16,8 @@ from tests.helpers import compose_cfg
 def test_every_config_in_a_group_composes(group):
     for name in choices(group):
         cfg = compose_cfg([f"{group}={name}"])
-        assert cfg[group].name == name
+        # Method presets (sparq_8x) name the method they configure; models and tasks are named by their file.
+        assert cfg[group].name == name or (group == "method" and name.startswith(cfg.method.name))
 
 
 def test_every_method_config_builds_a_validated_method():

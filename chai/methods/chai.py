@@ -4,7 +4,7 @@ Heads of a layer whose attention scores look alike are clustered per request; fo
 softmax(QK^T) is computed only for one representative per cluster, every member reuses it with its own V, and
 only the representatives' K stays in the cache (GQA: a KV head's K stays while some representative reads it).
 
-Per request (online membership, Sec. 4.2): the first `membership_tokens` tokens run as plain MHA; their causal
+Per request (online membership): the first `membership_tokens` tokens run as plain MHA; their causal
 attention probabilities (one [m, m] map per head, lower triangle flattened) are the heads' features; the heads of
 each clustered layer are clustered into that layer's count. Rows from m on use the representatives' scores. A
 prompt shorter than m stays dense until its cache has seen m tokens (the first m queries are kept meanwhile);
@@ -149,8 +149,8 @@ class Chai(Method):
             try:
                 self.layer_clusters = [int(c) for c in self.layer_clusters]
             except (TypeError, ValueError):
-                raise ChaiError(f"method.layer_clusters must be a list of ints, a preset or auto: {self.layer_clusters}")
-            require(all(c >= 1 for c in self.layer_clusters), "method.layer_clusters entries must be >= 1 (0 clusters is no attention).")
+                raise ChaiError(f"method.layer_clusters must be ints, a preset or auto, not {self.layer_clusters}")
+            require(all(c >= 1 for c in self.layer_clusters), "method.layer_clusters entries must be >= 1.")
         elif isinstance(self.layer_clusters, str) and self.layer_clusters != "auto":
             load_preset(self.layer_clusters)
         require(self.num_clusters is None or int(self.num_clusters) >= 1, "method.num_clusters must be >= 1.")
@@ -181,14 +181,14 @@ class Chai(Method):
     def _ensure(self, config) -> None:
         if self._config_id != id(config):
             if self._needs_artifact() and self._artifact is None:
-                raise ChaiError(f"method {self.name} needs the calibration artifact: call method.prepare(model, context).")
+                raise ChaiError(f"method {self.name} needs the calibration artifact: call method.prepare(model, ctx).")
             self._setup(config)
 
     def _setup(self, config) -> None:
         shape = AttnShape.of(config)
         counts, self._source = self._raw_counts(shape)
         require(len(counts) == shape.layers,
-                f"{self._source} gives {len(counts)} cluster counts but the model has {shape.layers} layers: one per layer.")
+                f"{self._source} gives {len(counts)} cluster counts but the model has {shape.layers} layers.")
         for layer, count in enumerate(counts):
             require(1 <= count <= shape.heads,
                     f"layer {layer} asks for {count} clusters but has {shape.heads} heads: use 1..{shape.heads}.")
@@ -235,6 +235,7 @@ class Chai(Method):
         if self._counts[idx] is None:
             return dense(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
         tq, tk = query.shape[2], key.shape[2]
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         past = layer.past if layer is not None else tk - tq
         mask = attention_mask if attention_mask is not None else causal(past, tq, tk, query.device)
         if layer is not None and layer.membership is not None:
@@ -279,7 +280,10 @@ class Chai(Method):
         m = self.membership_tokens
         if layer is None and past > 0:
             raise ChaiError("CHAI decoding needs its own cache: pass past_key_values=method.make_cache(model).")
-        q_first = layer.first_queries(query, m) if layer is not None else (query[:, :, :m] if query.shape[2] >= m else None)
+        if layer is not None:
+            q_first = layer.first_queries(query, m)  # [B, H, m, D] once m tokens exist
+        else:
+            q_first = query[:, :, :m] if query.shape[2] >= m else None
         if q_first is None:
             return None
         started = time.perf_counter()
@@ -345,17 +349,17 @@ class Chai(Method):
 @dataclass
 class ChaiStatic(Chai):
     """CHAI-static: one grouping per layer for every request, from the calibration artifact (the co-association
-    consensus at the elbow count; other counts cut the same matrix). No online clustering; all rows clustered."""
+    consensus of the per-document K-Means groupings, at any count). No online clustering; all rows clustered."""
 
     name = "chai_static"
     membership: ClassVar[str] = "static"
 
     def _fixed_labels(self, layer, count, shape):
-        from chai.calibrate import consensus_groups
-
+        if "static_groups_by_count" in self._artifact:
+            return labels_from_groups(self._artifact["static_groups_by_count"][layer][count - 1], shape.heads)
         groups = self._artifact["static_groups"][layer]
-        if len(groups) != count:
-            groups = consensus_groups(torch.tensor(self._artifact["coassociation"][layer]), count)
+        require(len(groups) == count, f"the calibration artifact has static groups only at the elbow count "
+                f"({len(groups)} in layer {layer}, not {count}): rerun python run.py mode=calibrate.")
         return labels_from_groups(groups, shape.heads)
 
 

@@ -232,6 +232,19 @@ class SparQ(Method):
         dense_bytes = AttnShape.of(config).dense_kv_bytes_per_token(dtype_bytes)
         return {"k": dense_bytes["k"] * (2 if self.store_k_twice else 1), "v": dense_bytes["v"]}
 
+    def kv_bytes_read(self, config, dtype_bytes: int, context: float) -> dict:
+        """K,V bytes one decode step reads at batch 1 and `context` cached tokens (for the bench's roofline):
+        r columns of K for every position + k full rows of K, k rows of V + the mean of V; dense when k >= context."""
+        shape = AttnShape.of(config)
+        n = torch.tensor([[[int(round(context))]]])
+        k_rows, _, sparse = self.budgets(n)
+        per = shape.layers * shape.kv_heads * dtype_bytes
+        n_, k_, d = float(n), float(k_rows), shape.head_dim
+        if not bool(sparse):
+            return {"k": n_ * d * per, "v": n_ * d * per}
+        r = self.components(d)
+        return {"k": (r * n_ + k_ * d) * per, "v": (k_ * d + d * self.reallocate_to_mean) * per}
+
     def cache_layer(self, layer_idx: int, config):
         return TwiceKLayer() if self.store_k_twice else DynamicLayer()
 

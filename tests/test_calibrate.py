@@ -1,0 +1,131 @@
+"""CHAI's offline phase on a tiny Llama with planted head groups: the elbow and the static grouping must find them."""
+
+import copy
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from chai.attention import AttnShape
+from chai.calibrate import artifact_path, calibrate, choose_elbow, consensus_groups, load_or_calibrate, run, settings_of
+from chai.config import compose_model
+from chai.errors import ChaiError
+from chai.methods import RunContext, build_method
+from chai.paths import data_dir
+from tests.conftest import random_ids
+
+SMALL = {"n_docs": 6, "seq_len": 24, "feature_tokens": 8, "batch_size": 4}
+PLANTED = [[0, 1, 2], [3, 4, 5, 6, 7]]
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    if not (data_dir() / "c4" / "c4_validation_2k.jsonl").exists():
+        pytest.skip("no C4 calibration file in the data directory")
+
+
+def planted(model, groups=PLANTED):
+    """Heads of each group get the group's first head's query and key projections: identical attention scores."""
+    model = copy.deepcopy(model)
+    d = AttnShape.of(model.config).head_dim
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                for group in groups:
+                    for head in group[1:]:
+                        proj.weight[head * d : (head + 1) * d] = proj.weight[group[0] * d : (group[0] + 1) * d]
+    return model
+
+
+def test_elbow_rules():
+    sharp = [10.0, 6.0, 1.0, 0.8, 0.6, 0.4, 0.2, 0.0]
+    assert choose_elbow(sharp, "kneedle") == 3
+    assert choose_elbow(sharp, "fraction", 0.15) == 3
+    assert choose_elbow(sharp, "fraction", 0.5) == 3
+    assert choose_elbow(sharp, "fraction", 0.7) == 2
+    assert choose_elbow([1.0, 1.0, 1.0], "kneedle") == 1  # identical heads: one cluster
+    assert choose_elbow([5.0], "kneedle") == 1
+
+
+def test_consensus_groups_recover_blocks():
+    together = torch.zeros(6, 6)
+    for block in ([0, 3], [1, 2, 5], [4]):
+        together[torch.tensor(block)[:, None], torch.tensor(block)] = 0.9
+    assert consensus_groups(together.fill_diagonal_(1), 3) == [[0, 3], [1, 2, 5], [4]]
+    assert consensus_groups(together, 6) == [[h] for h in range(6)]
+
+
+def test_settings_reject_bad_rules():
+    with pytest.raises(ChaiError, match="elbow.rule"):
+        settings_of({"elbow": {"rule": "knee"}})
+    assert settings_of({"elbow": {"fraction": 0.2}})["elbow"] == {"rule": "kneedle", "fraction": 0.2}
+
+
+def test_calibration_finds_planted_groups(tiny_llama, corpus):
+    model, tokenizer = tiny_llama
+    artifact = calibrate(planted(model), tokenizer, settings_of(SMALL), model_name="tiny_llama")
+    shape = AttnShape.of(model.config)
+    assert artifact["shape"]["heads"] == shape.heads and artifact["n_docs"] == SMALL["n_docs"]
+    assert artifact["elbow"]["chosen"] == [2] * shape.layers
+    assert artifact["static_groups"] == [PLANTED] * shape.layers
+    inertia = torch.tensor(artifact["elbow"]["inertia"])  # [L, H]
+    assert inertia.shape == (shape.layers, shape.heads) and (inertia[:, 1:] < 1e-4 * inertia[:, :1]).all()
+    corr = torch.tensor(artifact["correlation"])  # [L, H, H]
+    assert torch.allclose(corr[:, 0, 2], torch.ones(shape.layers), atol=1e-6)  # same group: correlation 1
+    assert torch.allclose(torch.diagonal(corr, dim1=1, dim2=2), torch.ones(shape.layers, shape.heads), atol=1e-6)
+    importance = torch.tensor(artifact["head_importance"])
+    assert importance.shape == (shape.layers, shape.heads) and (importance > 0).all()
+    sizes = torch.tensor(artifact["cluster_sizes"])  # [L, H + 1]: per-document cluster sizes at the chosen count
+    assert sizes[:, 3].sum() == sizes[:, 5].sum() == shape.layers * SMALL["n_docs"]
+    # the random (unplanted) model has no two-group structure
+    plain = calibrate(model, tokenizer, settings_of(SMALL), model_name="tiny_llama")
+    assert plain["elbow"]["chosen"] != artifact["elbow"]["chosen"]
+
+
+def test_counts_override_and_load_or_calibrate(tiny_llama, corpus, tmp_path):
+    model, tokenizer = tiny_llama
+    model = planted(model)
+    cfg = OmegaConf.create({"calibration": {**SMALL, "counts": [3, 2, 1]}, "model": {"hf_id": "tiny"}})
+    context = RunContext(cfg, tokenizer, "tiny_llama", None, str(tmp_path))
+    artifact = load_or_calibrate(model, context)
+    path = artifact_path(str(tmp_path), "tiny_llama")
+    assert path.exists() and artifact["elbow"]["chosen"] == [3, 2, 1]
+    assert artifact["elbow"]["rule"].startswith("override")
+    assert [len(g) for g in artifact["static_groups"]] == [3, 2, 1]
+    # a present artifact is loaded, not recomputed
+    path.write_text(json.dumps({**artifact, "time_s": -1.0}))
+    assert load_or_calibrate(model, context)["time_s"] == -1.0
+    # methods read it: CHAI's auto counts, CHAI-static's groups
+    method = build_method({"name": "chai", "layer_clusters": "auto"})
+    method.prepare(model, context)
+    assert method.describe()["clusters_per_layer"] == [3, 2, 1]
+    static = build_method({"name": "chai_static", "layer_clusters": "auto"})
+    static.prepare(model, context)
+    assert static.describe()["example_groups"]["1"] == PLANTED
+    with torch.no_grad(), static.applied(model):
+        model(random_ids(1, 6, 1000))
+    assert static.describe()["clustering_calls"] == 0
+    # another count cuts the co-association matrix: the planted groups split no further than needed
+    other = build_method({"name": "chai_static", "layer_clusters": [1, 2, 2]})
+    other.prepare(model, context)
+    assert other.describe()["example_groups"] == {"0": [list(range(8))], "1": PLANTED, "2": PLANTED}
+    # an artifact of another shape, or none with auto off, fails with one line
+    path.write_text(json.dumps({**artifact, "shape": {**artifact["shape"], "heads": 4}}))
+    with pytest.raises(ChaiError, match="rerun"):
+        load_or_calibrate(model, context)
+    path.unlink()
+    off = RunContext(OmegaConf.create({"calibration": {"auto": False}}), tokenizer, "tiny_llama", None, str(tmp_path))
+    with pytest.raises(ChaiError, match="mode=calibrate"):
+        load_or_calibrate(model, off)
+
+
+def test_mode_runner_writes_the_artifact(corpus, tmp_path):
+    cfg = OmegaConf.create({
+        "model": OmegaConf.to_container(compose_model("tiny_llama")),
+        "calibration": SMALL, "device": "cpu", "seed": 0, "data_dir": None, "results_dir": str(tmp_path),
+    })
+    out = run(cfg, {})
+    assert out["calibration"]["path"] == str(artifact_path(str(tmp_path), "tiny_llama"))
+    saved = json.loads(artifact_path(str(tmp_path), "tiny_llama").read_text())
+    assert saved["elbow"]["chosen"] == out["calibration"]["chosen"] and len(saved["correlation"]) == 3
