@@ -26,7 +26,7 @@ for stage in "$@"; do
     ablations)  run experiment=ablations ;;
     sparq)      run -m method=sparq_2x,sparq_4x,sparq_8x task=piqa,arc_easy experiment_name=accuracy ;;
     mtokens)    run experiment=membership_tokens ;;
-    clusters)   run experiment=sweep_clusters task=piqa ;;
+    clusters)   run experiment=sweep_clusters task=piqa method.num_clusters=1,2,3,4,5,6,7,8,9 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
