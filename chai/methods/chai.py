@@ -25,13 +25,16 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from transformers.cache_utils import DynamicLayer
+import torch.nn.functional as F
+from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
 from chai.attention import AttnShape, attention_probs, dense, repeat_heads, to_output
 from chai.clustering import ALGOS, REPRESENTATIVES, Membership, cluster_heads, labels_from_groups, random_labels
 from chai.clustering import representatives
 from chai.errors import ChaiError, did_you_mean, require
+from chai.kernels import clustered_decode as kd
 from chai.methods import register
+from chai.methods._chai_static import ChaiStaticLayer, causal, clustered_rows, pick
 from chai.methods.base import Method, RunContext
 from chai.paths import CONF_DIR
 
@@ -48,17 +51,6 @@ def load_preset(name: str) -> dict:
     if name not in presets():
         raise did_you_mean("cluster preset", name, presets() + ["auto"])
     return OmegaConf.to_container(OmegaConf.load(CONF_DIR / "clusters" / f"{name}.yaml"))
-
-
-def pick(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Per-request head gather: x [B, N, ...], index [B, M] -> [B, M, ...]."""
-    return x[torch.arange(x.shape[0], device=x.device)[:, None], index.to(x.device)]
-
-
-def causal(past: int, tq: int, tk: int, device) -> torch.Tensor:
-    """[1, 1, Tq, Tk] boolean causal mask for queries at positions past..past+Tq-1."""
-    q = torch.arange(past, past + tq, device=device)[:, None]
-    return (torch.arange(tk, device=device)[None] <= q)[None, None]
 
 
 class ChaiLayer(DynamicLayer):
@@ -142,7 +134,8 @@ class Chai(Method):
     share_values: bool = False  # True: CHAI-QKV, members also use the representative's V (Table 4)
 
     def __post_init__(self):
-        self._announced: dict[int, ChaiLayer] = {}
+        self._announced: dict[int, ChaiLayer | ChaiStaticLayer] = {}
+        self._mask_seen, self._mask_full = None, True
         self._config_id, self._counts, self._fixed, self._source = None, None, None, None
         self._artifact, self._seconds, self._calls, self._last = None, 0.0, 0, {}
         if self.layer_clusters is not None and not isinstance(self.layer_clusters, str):
@@ -234,8 +227,10 @@ class Chai(Method):
             layer = None  # stale: that cache was updated without this attention function running
         if self._counts[idx] is None:
             return dense(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
-        tq, tk = query.shape[2], key.shape[2]
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        if isinstance(layer, ChaiStaticLayer):
+            return to_output(layer.attend(query, key, attention_mask, scaling)), None
+        tq, tk = query.shape[2], key.shape[2]
         past = layer.past if layer is not None else tk - tq
         mask = attention_mask if attention_mask is not None else causal(past, tq, tk, query.device)
         if layer is not None and layer.membership is not None:
@@ -243,33 +238,46 @@ class Chai(Method):
         membership = self._membership(idx, query, key, scaling, past, layer)
         if membership is None:  # fewer than m tokens so far: plain MHA, every K kept
             return dense(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+        out = self._first_clustered(query, key, value, mask, scaling, membership, past)
+        if layer is not None:
+            layer.compact(membership)
+        return to_output(out), None
+
+    def _first_clustered(self, query, key, value, mask, scaling, membership: Membership, past: int) -> torch.Tensor:
+        """The forward that found the membership (every K head still there): rows before m as MHA (first_tokens=
+        dense, online membership), the rest with the representatives' scores. Returns [B, H, Tq, D]."""
+        tq = query.shape[2]
         online_dense = self.membership == "online" and self.first_tokens == "dense"
         n_dense = min(max(self.membership_tokens - past, 0), tq) if online_dense else 0
         parts = []
         if n_dense:
-            groups = self._shape.groups
-            probs = attention_probs(query[:, :, :n_dense], repeat_heads(key, groups), mask[..., :n_dense, :], scaling)
-            parts.append(probs.to(value.dtype) @ repeat_heads(value, groups))  # [B, H, n_dense, D]
+            parts.append(F.scaled_dot_product_attention(query[:, :, :n_dense], key, value, mask[..., :n_dense, :],
+                                                        scale=scaling, enable_gqa=self._shape.groups > 1))
         if n_dense < tq:
             rest = (query[:, :, n_dense:], key, value, mask[..., n_dense:, :], scaling, membership)
             parts.append(self._clustered(*rest, compact=False))
-        if layer is not None:
-            layer.compact(membership)
-        return to_output(torch.cat(parts, dim=2)), None
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
     def _clustered(self, query, key, value, mask, scaling, m: Membership, compact: bool) -> torch.Tensor:
         """softmax(q k^T) of the representatives only, shared by every member, times each head's own V (or the
         representative's V with share_values). keys are compact ([B, S, T, D], read through rep_slot) or full
-        ([B, Hkv, T, D], read through rep // groups). Returns [B, H, Tq, D]."""
+        ([B, Hkv, T, D], read through rep // groups). One unpadded decode token on CUDA: the Triton kernel; else
+        `clustered_rows` (row blocks, no [B, C, Tq, Tk] float32 tensor). Returns [B, H, Tq, D]."""
         key_slot = m.rep_slot if compact else m.reps // self._shape.groups  # [B, C]
-        probs = attention_probs(pick(query, m.reps), pick(key, key_slot), mask, scaling)  # [B, C, Tq, Tk] fp32
-        probs = pick(probs, m.labels)  # [B, H, Tq, Tk]: each head reads its cluster's row
-        if self.share_values:
-            value_of_head = key_slot.gather(1, m.labels.to(key_slot.device))
-        else:
-            heads = torch.arange(self._shape.heads, device=query.device) // self._shape.groups
-            value_of_head = heads.expand(query.shape[0], -1)
-        return probs.to(value.dtype) @ pick(value, value_of_head)
+        value_slot = key_slot if self.share_values else None
+        if query.shape[2] == 1 and kd._use_triton(query) and self._unpadded(mask):
+            v_index = key_slot.gather(1, m.labels) if self.share_values else None
+            return kd.clustered_decode_attention(query, key, value, m.labels, m.reps, scaling, k_index=key_slot,
+                                                 v_index=v_index)
+        return clustered_rows(query, key, value, mask, scaling, m.labels, m.reps, key_slot, value_slot)
+
+    def _unpadded(self, mask) -> bool:
+        """Whether a decode mask attends everywhere (one host sync per forward: every layer gets the same mask)."""
+        if mask is None:
+            return True
+        if mask is not self._mask_seen:
+            self._mask_seen, self._mask_full = mask, bool(mask.all())
+        return self._mask_full
 
     def _membership(self, idx, query, key, scaling, past, layer) -> Membership | None:
         """This forward's membership for layer idx: fixed (static/random), or clustered from the first m tokens
@@ -311,6 +319,18 @@ class Chai(Method):
     def cache_layer(self, layer_idx: int, config):
         self._ensure(config)
         return ChaiLayer(self, layer_idx) if self._counts[layer_idx] is not None else DynamicLayer()
+
+    def static_cache(self, model, batch_size: int, max_cache_len: int) -> Cache:
+        """The fast decode path's cache (mode=bench, `method_static`): per clustered layer a `ChaiStaticLayer` with
+        K for min(clusters, Hkv) KV heads (online; the exact kept count for a fixed membership), dense layers a
+        transformers StaticLayer. Unpadded batches; online membership clusters in the first forward (the prompt,
+        >= membership_tokens tokens). A decode step has no host sync and can be captured as a CUDA graph."""
+        self._ensure(model.config)
+        return Cache(layers=[
+            StaticLayer(max_cache_len=max_cache_len) if count is None
+            else ChaiStaticLayer(self, layer, max_cache_len, batch_size, self._kept_k_heads(layer))
+            for layer, count in enumerate(self._counts)
+        ])
 
     def _kept_k_heads(self, layer: int) -> int:
         count, kv = self._counts[layer], self._shape.kv_heads

@@ -1,0 +1,194 @@
+"""CHAI's fast paths on the CPU: the static cache decodes exactly what the dynamic CHAI cache decodes, holds the
+analytic K,V bytes, its decode step traces with fullgraph=True (what a CUDA-graph capture needs: no host sync, no
+graph break), the Triton kernel path (Triton's interpreter, in a fresh process) decodes what the PyTorch path
+decodes, and row-blocked prefill equals the unblocked formula."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from chai import bench
+from chai.attention import kv_bytes
+from chai.cli import run_mode
+from chai.errors import ChaiError
+from chai.methods import build_method
+from chai.methods._chai_static import clustered_rows
+from chai.methods.chai import ChaiLayer
+from tests.conftest import random_ids
+from tests.test_bench import bench_cfg, cells, eager_capture
+
+VOCAB = 1000
+SETTINGS = [
+    {"name": "chai", "num_clusters": 3},
+    {"name": "chai", "num_clusters": 2, "first_clustered_layer": 1, "representative": "medoid"},
+    {"name": "chai_qkv", "num_clusters": 3},
+    {"name": "random_groups", "layer_clusters": [2, 3, 4]},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_gqa():
+    """8 query heads over 2 KV heads."""
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "llama", hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=8,
+        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256,
+    )
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.set_attn_implementation("sdpa")
+    return model.eval(), None
+
+
+def method_of(settings, model):
+    settings = {"layer_clusters": None, **settings}
+    method = build_method(settings)
+    method.prepare(model)
+    return method
+
+
+def greedy(model, ids, cache, steps):
+    """Prefill then `steps` greedy decode steps (the bench's functions) -> tokens [B, 1 + steps], last logits."""
+    token = bench.prefill(model, ids, cache)
+    position, tokens = torch.full_like(token, ids.shape[1]), [token]
+    for _ in range(steps):
+        token = bench.decode_one_token(model, token, position, cache)
+        tokens.append(token)
+        position = position + 1
+    return torch.cat(tokens, 1)
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: "-".join(f"{v}" for v in s.values()))
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_opt", "tiny_gqa"])
+def test_static_cache_decodes_like_the_dynamic_cache(request, name, settings):
+    model = request.getfixturevalue(name)[0]
+    method = method_of(settings, model)
+    ids, steps = random_ids(2, 9, VOCAB, seed=5), 5
+    with torch.no_grad(), method.applied(model):
+        dynamic = greedy(model, ids, method.make_cache(model), steps)
+        cache = method.static_cache(model, 2, 9 + steps)
+        static = greedy(model, ids, cache, steps)
+        held = kv_bytes(cache)
+        cache.reset()  # in place, membership cleared: the next prompt clusters again
+        again = greedy(model, ids, cache, steps)
+    assert torch.equal(dynamic, static) and torch.equal(static, again)
+    per_token = method.kv_bytes_per_token(model.config, 4)
+    assert held == {"k": 2 * (9 + steps) * per_token["k"], "v": 2 * (9 + steps) * per_token["v"]}
+    assert not any(isinstance(layer, ChaiLayer) for layer in cache.layers) and cache.is_compileable
+
+
+@pytest.mark.parametrize("kind", ["compile", "cudagraph"])
+def test_static_step_traces_with_fullgraph(tiny_llama, kind, monkeypatch):
+    """The bench's own capture path: compile (fullgraph=True, dynamic=False) or a graph (replayed eagerly on the
+    CPU), then reset() and a fresh prefill, as `measure` runs it: the same tokens as the dynamic cache."""
+    monkeypatch.setattr(bench, "capture_graph", eager_capture)
+    model, _ = tiny_llama
+    method = method_of({"name": "chai", "num_clusters": 3}, model)
+    cfg = bench_cfg("/tmp/unused", "bench.compile_backend=eager", "bench.new_tokens=4")
+    ids = random_ids(2, 7, VOCAB, seed=2)
+    with torch.no_grad(), method.applied(model):
+        dynamic = greedy(model, ids, method.make_cache(model), 4)
+        cache = method.static_cache(model, 2, 11)
+        token = bench.prefill(model, ids, cache)
+        step = bench.make_step(kind, model, cache, token, torch.full_like(token, 7), cfg.bench)
+        cache.reset()
+        token = bench.prefill(model, ids, cache)
+        position, tokens = torch.full_like(token, 7), [token]
+        for _ in range(4):
+            token, position = step(token, position)
+            tokens.append(token.clone())
+    assert torch.equal(torch.cat(tokens, 1), dynamic)
+
+
+def test_static_cache_refuses_what_its_step_cannot_model(tiny_llama):
+    model, _ = tiny_llama
+    method = method_of({"name": "chai", "num_clusters": 3}, model)
+    with torch.no_grad(), method.applied(model):
+        with pytest.raises(ChaiError, match="membership_tokens=5"):
+            model(random_ids(1, 3, VOCAB), past_key_values=method.static_cache(model, 1, 8), use_cache=True)
+        with pytest.raises(ChaiError, match="unpadded"):
+            mask = torch.ones(2, 8, dtype=torch.long)
+            mask[1, :2] = 0
+            model(random_ids(2, 8, VOCAB), attention_mask=mask, past_key_values=method.static_cache(model, 2, 10),
+                  use_cache=True)
+
+
+@pytest.mark.parametrize("kv_heads,share", [(8, False), (2, False), (8, True)])
+def test_row_blocks_equal_the_whole_formula(kv_heads, share):
+    """Prefill in blocks of query rows (here 1, 3, all) equals softmax over every row at once."""
+    g = torch.Generator().manual_seed(0)
+    batch, heads, tq, tk, dim = 2, 8, 7, 10, 4
+    q = torch.randn(batch, heads, tq, dim, generator=g)
+    k, v = torch.randn(batch, kv_heads, tk, dim, generator=g), torch.randn(batch, kv_heads, tk, dim, generator=g)
+    labels = torch.tensor([[0, 0, 1, 1, 2, 2, 2, 0], [1, 0, 1, 0, 0, 2, 2, 2]])
+    reps = torch.tensor([[0, 2, 4], [1, 0, 5]])
+    key_slot = reps // (heads // kv_heads)
+    mask = torch.ones(tk, tk, dtype=torch.bool).tril()[None, None, tk - tq:]
+    probs = torch.softmax((q @ k[:, :, None].expand(-1, -1, heads // kv_heads, -1, -1).reshape(batch, heads, tk, dim)
+                           .transpose(-1, -2) * 0.5).masked_fill(~mask, float("-inf")), dim=-1)
+    value_of_head = key_slot.gather(1, labels) if share else (torch.arange(heads) // (heads // kv_heads)).expand(2, -1)
+    rows = torch.arange(batch)[:, None]
+    expected = probs[rows, reps[rows, labels]] @ v[rows, value_of_head]
+    for budget in (batch * heads * tk, 3 * batch * heads * tk, 1 << 28):
+        out = clustered_rows(q, k, v, mask, 0.5, labels, reps, key_slot, key_slot if share else None, budget)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bench_times_the_static_path_of_chai(tmp_path):
+    run_mode(bench_cfg(tmp_path, "method=chai", "method.num_clusters=2", "bench.seq_lens=[8]",
+                       "bench.paths=[static_compiled,method,method_static]"), overrides=[])
+    by_path = {r["bench"]["path"]: r for r in cells(tmp_path)}
+    assert set(by_path) == {"static_compiled", "method", "method_static"}
+    for rec in by_path.values():
+        assert rec["error"] is None, rec["error"]
+    kv = by_path["method_static"]["bench"]["kv_bytes"]
+    assert kv["analytic"] == kv["measured_cache"] and kv["saved_analytic"] > 0
+
+
+KERNEL_SCRIPT = """
+import torch
+from chai import bench
+from chai.kernels import clustered_decode as kd
+from tests.test_chai_static import greedy, method_of
+from tests.conftest import _load, random_ids
+
+calls, real = [], kd._kernel()
+
+
+class Counting:  # the kernel, counting launches
+    def __getitem__(self, grid):
+        calls.append(grid)
+        return real[grid]
+
+
+kd._kernel = Counting
+model = _load("tiny_llama")[0]
+for settings in ({"name": "chai", "num_clusters": 3}, {"name": "chai_qkv", "num_clusters": 2}):
+    method = method_of(settings, model)
+    ids = random_ids(2, 9, 1000, seed=1)
+    with torch.no_grad(), method.applied(model):
+        static = greedy(model, ids, method.static_cache(model, 2, 13), 4)
+        dynamic = greedy(model, ids, method.make_cache(model), 4)
+        kernel_calls = len(calls)
+        full = model(torch.cat([ids, static[:, :-1]], 1)).logits[:, 8:].argmax(-1)  # no cache: PyTorch rows
+    assert kernel_calls == 2 * 4 * 3, kernel_calls  # both caches, every decode step, every layer
+    assert torch.equal(static, dynamic) and torch.equal(static, full), (static, dynamic, full)
+    calls.clear()
+print("KERNEL PATH OK")
+"""
+
+
+@pytest.mark.skipif(not __import__("chai.kernels.clustered_decode").kernels.clustered_decode.HAVE_TRITON,
+                    reason="triton is not installed")
+def test_triton_kernel_path_in_a_fresh_interpreter():
+    """Decode through the Triton kernel (its interpreter on the CPU; TRITON_INTERPRET=1 before triton's import):
+    the static and dynamic caches decode what a full forward without cache (PyTorch, row blocks) predicts."""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", KERNEL_SCRIPT], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}, timeout=900,
+                          check=False)
+    assert done.returncode == 0 and "KERNEL PATH OK" in done.stdout, (done.stdout + done.stderr)[-4000:]
