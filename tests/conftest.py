@@ -57,6 +57,22 @@ def piqa_rows():
         return [json.loads(next(f)) for _ in range(20)]
 
 
+@pytest.fixture(scope="session")
+def tiny_gqa():
+    """(model, None): a tiny random Llama with 8 query heads over 2 KV heads (SmolLM2's grouped layout, smaller);
+    ids below 1000."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "llama", hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=8,
+        num_key_value_heads=2, vocab_size=1000, max_position_embeddings=256,
+    )
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.set_attn_implementation("sdpa")
+    return model.eval(), None
+
+
 def random_ids(batch: int, length: int, vocab: int = 49152, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, length), generator=generator)

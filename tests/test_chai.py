@@ -4,7 +4,6 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from chai.attention import AttnShape, kv_bytes
 from chai.config import compose_model
@@ -16,19 +15,6 @@ from chai.models import architecture
 from tests.conftest import random_ids
 
 VOCAB = 1000  # ids drawn below every tiny model's vocabulary
-
-
-@pytest.fixture(scope="module")
-def tiny_gqa():
-    """A tiny Llama with 8 query heads over 2 KV heads (SmolLM2's layout, smaller)."""
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(
-        "llama", hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=8,
-        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256,
-    )
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.set_attn_implementation("sdpa")
-    return model.eval(), None
 
 
 @pytest.fixture(params=["tiny_llama", "tiny_opt", "tiny_gqa"])

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from chai import bench
 from chai.attention import kv_bytes
@@ -29,19 +28,6 @@ SETTINGS = [
     {"name": "chai_qkv", "num_clusters": 3},
     {"name": "random_groups", "layer_clusters": [2, 3, 4]},
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny_gqa():
-    """8 query heads over 2 KV heads."""
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(
-        "llama", hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=8,
-        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256,
-    )
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.set_attn_implementation("sdpa")
-    return model.eval(), None
 
 
 def method_of(settings, model):

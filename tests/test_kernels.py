@@ -104,6 +104,59 @@ def test_compact_k_slots_and_grouped_values():
             torch.testing.assert_close(out[b, h, 0], p @ v[b, h // 2, :n], atol=2e-5, rtol=2e-5)
 
 
+@needs_interpreter
+def test_uneven_clusters_and_a_partly_filled_cache():
+    """Clusters of 1 and of many heads (more than one member chunk of the kernel), different memberships per
+    batch row, an empty cluster, and a fill counter shorter than the buffer (splits past it hold nothing)."""
+    g = torch.Generator().manual_seed(5)
+    heads, dim, capacity = 12, 16, 260
+    q = torch.randn(2, heads, 1, dim, generator=g)
+    k = torch.randn(2, 4, capacity, dim, generator=g)
+    v = torch.randn(2, heads, capacity, dim, generator=g)
+    labels = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 1],  # cluster 0: 1 head; 1: 11 heads; 2, 3: empty
+                           [3, 2, 2, 3, 2, 0, 2, 2, 1, 2, 2, 2]])  # 1, 1, 8 and 2 heads
+    reps = torch.tensor([[10, 4, 0, 0], [5, 8, 9, 3]])
+    k_index = torch.tensor([[2, 0, 1, 3], [3, 1, 0, 2]])
+    kv_len = torch.tensor([97, 230])
+    out = kd.clustered_decode_attention(q, k, v, labels, reps, 0.3, kv_len, k_index=k_index)
+    ref = kd.clustered_attention_reference(q, k, v, labels, reps, 0.3, kv_len=kv_len, k_index=k_index)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    for b in range(2):
+        n = int(kv_len[b])
+        for h in range(heads):
+            c = int(labels[b, h])
+            p = torch.softmax(q[b, int(reps[b, c]), 0] @ k[b, int(k_index[b, c]), :n].T * 0.3, dim=-1)
+            torch.testing.assert_close(out[b, h, 0], p @ v[b, h, :n], atol=2e-5, rtol=2e-5)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("kv_len", [23, None, torch.tensor([61, 9])])
+def test_default_grouped_values_and_length_forms(kv_len):
+    """No v_index under GQA (head h reads V head h // (H / Hv)), no k_index, and the valid length as an int, None
+    or a [B] tensor."""
+    g = torch.Generator().manual_seed(6)
+    q, k = torch.randn(2, 8, 1, 16, generator=g), torch.randn(2, 3, 70, 16, generator=g)[:, :, :61]
+    v = torch.randn(2, 2, 61, 16, generator=g)  # 2 KV heads for 8 query heads
+    labels = torch.tensor([[0, 0, 0, 0, 0, 1, 2, 0], [2, 1, 1, 1, 1, 1, 0, 1]])
+    reps = torch.tensor([[3, 5, 6], [6, 4, 0]])
+    out = kd.clustered_decode_attention(q, k, v, labels, reps, 0.25, kv_len)
+    ref = kd.clustered_attention_reference(q, k, v, labels, reps, 0.25, kv_len=kv_len)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("heads,clusters", [(32, 28), (32, 18), (32, 4), (32, 1), (8, 8), (5, 3)])
+def test_work_item_bound_covers_every_clustering(heads, clusters):
+    """The kernel's static grid bound holds the work items (ceil(members / GROUP) per cluster) of the worst
+    clustering (every cluster but one a single head, the last one all the rest) and of random ones, empty
+    clusters included."""
+    worst = [1] * (clusters - 1) + [heads - clusters + 1]
+    assert sum(-(-n // kd.GROUP) for n in worst) <= kd.work_items(heads, clusters)
+    g = torch.Generator().manual_seed(7)
+    for _ in range(200):
+        sizes = torch.bincount(torch.randint(0, clusters, (heads,), generator=g), minlength=clusters)
+        assert sum(-(-int(n) // kd.GROUP) for n in sizes) <= kd.work_items(heads, clusters)
+
+
 def test_reference_members_share_their_representatives_probabilities():
     """Prefill form (many query tokens, causal mask): a member's output is its representative's attention
     probabilities applied to the member's own V."""

@@ -1,5 +1,5 @@
-"""The Triton kernel behind `chai.kernels.clustered_decode.clustered_decode_attention` (see there for the layout);
-a module of its own so that triton is imported only when the kernel is first used."""
+"""The Triton kernels behind `chai.kernels.clustered_decode.clustered_decode_attention` (see there for the layout);
+a module of its own so that triton is imported only when the kernels are first used."""
 
 import triton
 import triton.language as tl
@@ -7,46 +7,100 @@ import triton.language as tl
 
 @triton.jit
 def clustered_decode_kernel(
-    Q, K, V, Order, Labels, Reps, KIdx, VIdx, KvLen, Acc, M, L,
+    Q, K, V, Labels, Reps, KIdx, VIdx, KvLen, Acc, M, L,
     stride_qb, stride_qh, stride_kb, stride_kc, stride_ks, stride_vb, stride_vh, stride_vs,
-    heads, clusters, splits, scaling,
+    stride_kib, stride_vib, stride_kvl, heads, clusters, splits, v_group, kv_limit, scaling,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, TILES: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, GROUP: tl.constexpr, DYNAMIC_LOOP: tl.constexpr,
+    HAS_KIDX: tl.constexpr, HAS_VIDX: tl.constexpr, HAS_KVLEN: tl.constexpr,
 ):
-    slot = tl.program_id(0)  # b * H + rank of the head in cluster order
+    """One program per (work item, split, batch). A work item is one chunk of up to GROUP member heads of one
+    cluster; the items of a batch row are numbered cluster by cluster (cluster c has ceil(n_c / GROUP) of them)
+    and found here from the labels row, so no member table is built outside. The program streams the cluster's
+    K tiles once, computes the representative's scores with an online softmax, and accumulates p @ V for each of
+    its member heads. Items past the last one (the grid holds a static upper bound) and splits past kv_len run no
+    tile at all. Without KIdx / VIdx / KvLen (HAS_* false) the cluster reads K entry c, head h reads V head
+    h // v_group and the valid length is kv_limit; the index tensors may have batch stride 0 (one row for all)."""
+    item = tl.program_id(0)
     split = tl.program_id(1)
-    b = (slot // heads).to(tl.int64)  # 64-bit offsets: b * stride overflows int32 on large caches
-    h = tl.load(Order + slot)
-    c = tl.load(Labels + b * heads + h)
+    b = tl.program_id(2).to(tl.int64)  # 64-bit offsets: b * stride overflows int32 on large caches
+    hh = tl.arange(0, BLOCK_H)
+    cc = tl.arange(0, BLOCK_C)
+    gg = tl.arange(0, GROUP)
+    lab = tl.load(Labels + b * heads + hh, mask=hh < heads, other=-1)  # [BLOCK_H]
+    # Work items per cluster, their running total, and the (cluster, chunk) of this item.
+    counts = tl.sum((lab[None, :] == cc[:, None]).to(tl.int32), axis=1)  # [BLOCK_C]
+    chunks = (counts + GROUP - 1) // GROUP
+    cum = tl.sum(tl.where(cc[None, :] <= cc[:, None], chunks[None, :], 0), axis=1)  # inclusive running total
+    total = tl.sum(chunks, axis=0)
+    c = tl.sum((cum <= item).to(tl.int32), axis=0)  # empty clusters (no chunk) are stepped over
+    active = item < total
+    c = tl.where(active, c, 0)
+    chunk = item - tl.sum(tl.where(cc == c, cum - chunks, 0), axis=0)
+    # Member heads of this chunk: the cluster's heads in increasing order, ranks chunk*GROUP .. +GROUP-1.
+    is_mem = lab == c
+    rank = tl.sum(tl.where((hh[None, :] < hh[:, None]) & is_mem[None, :], 1, 0), axis=1)  # [BLOCK_H]
+    sel = is_mem[None, :] & (rank[None, :] == chunk * GROUP + gg[:, None]) & active  # [GROUP, BLOCK_H]
+    head = tl.sum(tl.where(sel, hh[None, :], 0), axis=1)  # [GROUP]
+    row_ok = tl.sum(sel.to(tl.int32), axis=1) > 0
+    vhead = tl.load(VIdx + b * stride_vib + head, mask=row_ok, other=0) if HAS_VIDX else head // v_group  # [GROUP]
     r = tl.load(Reps + b * clusters + c)
-    kc = tl.load(KIdx + b * clusters + c)  # K entry of the cluster
-    hv = tl.load(VIdx + b * heads + h)  # V head of this query head
-    kv_len = tl.load(KvLen + b)
+    kc = tl.load(KIdx + b * stride_kib + c) if HAS_KIDX else c  # K entry of the cluster
+    kv_len = tl.minimum(tl.load(KvLen + b * stride_kvl), kv_limit) if HAS_KVLEN else kv_limit  # <= buffer
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     q = tl.load(Q + b * stride_qb + r * stride_qh + d, mask=d_ok, other=0.0).to(tl.float32) * scaling
     m_i = tl.full([1], float("-inf"), tl.float32)
     l_i = tl.zeros([1], tl.float32)
-    acc = tl.zeros([BLOCK_D], tl.float32)
+    acc = tl.zeros([GROUP, BLOCK_D], tl.float32)
     lo = split * (TILES * BLOCK_S)
-    # A constant trip count (TILES) rather than range(lo, kv_len): tiles past kv_len are fully masked (no
-    # memory traffic), and the interpreter cannot loop to a runtime bound.
-    for tile in range(TILES):
+    n_tiles = tl.minimum(tl.maximum(kv_len - lo + BLOCK_S - 1, 0) // BLOCK_S, TILES)
+    n_tiles = tl.where(active, n_tiles, 0)
+    k_base = K + b * stride_kb + kc * stride_kc
+    v_base = V + b * stride_vb
+    # Compiled, the loop stops at the last tile holding a valid token (splits past kv_len and items past the
+    # last one run nothing). The interpreter cannot loop to a runtime bound (its scalars are 1-element arrays):
+    # there the loop runs TILES times and the tiles past n_tiles are fully masked.
+    for tile in range(n_tiles if DYNAMIC_LOOP else TILES):
         s = lo + tile * BLOCK_S + tl.arange(0, BLOCK_S)
-        s_ok = s < kv_len
+        s_ok = (s < kv_len) & (tile < n_tiles)
         tile_ok = s_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + b * stride_kb + kc * stride_kc + s[:, None] * stride_ks + d[None, :], mask=tile_ok,
-                    other=0.0).to(tl.float32)  # [BLOCK_S, BLOCK_D]
+        k = tl.load(k_base + s[:, None] * stride_ks + d[None, :], mask=tile_ok, other=0.0).to(tl.float32)
         score = tl.where(s_ok, tl.sum(k * q[None, :], axis=1), float("-inf"))  # [BLOCK_S]
         m_new = tl.maximum(m_i, tl.max(score, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing valid yet: keep alpha and p at 0
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(score - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=0)
-        val = tl.load(V + b * stride_vb + hv * stride_vh + s[:, None] * stride_vs + d[None, :], mask=tile_ok,
-                      other=0.0).to(tl.float32)
-        acc = acc * alpha + tl.sum(p[:, None] * val, axis=0)
+        # Every member's V tile at once, [GROUP, BLOCK_S, BLOCK_D]: absent members (rows past the cluster's
+        # size) are masked off and read nothing.
+        val = tl.load(v_base + vhead[:, None, None] * stride_vh + s[None, :, None] * stride_vs + d[None, None, :],
+                      mask=row_ok[:, None, None] & tile_ok[None, :, :], other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.sum(p[None, :, None] * val, axis=1)
         m_i = m_new
-    out = (b * heads + h) * splits + split
-    tl.store(Acc + out * BLOCK_D + d, acc)
-    tl.store(M + out + tl.arange(0, 1), m_i)
-    tl.store(L + out + tl.arange(0, 1), l_i)
+    out = (b * heads + head) * splits + split  # [GROUP]
+    tl.store(Acc + out[:, None] * BLOCK_D + d[None, :], acc, mask=row_ok[:, None])
+    tl.store(M + out, tl.zeros([GROUP], tl.float32) + m_i, mask=row_ok)
+    tl.store(L + out, tl.zeros([GROUP], tl.float32) + l_i, mask=row_ok)
+
+
+@triton.jit
+def merge_splits_kernel(
+    Acc, M, L, Out, stride_ob, stride_oh, heads, splits,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+):
+    """One program per (batch, head): log-sum-exp merge of the splits' (max score, sum of exp, p @ V); empty
+    splits hold m = -inf and weigh nothing."""
+    o = tl.program_id(0).to(tl.int64)
+    b = o // heads
+    h = o % heads
+    sp = tl.arange(0, BLOCK_SPLITS)
+    sp_ok = sp < splits
+    d = tl.arange(0, BLOCK_D)
+    m = tl.load(M + o * splits + sp, mask=sp_ok, other=float("-inf"))
+    l = tl.load(L + o * splits + sp, mask=sp_ok, other=0.0)
+    m_max = tl.max(m, axis=0)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))
+    acc = tl.load(Acc + (o * splits + sp)[:, None] * BLOCK_D + d[None, :], mask=sp_ok[:, None], other=0.0)
+    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+    tl.store(Out + b * stride_ob + h * stride_oh + d, out.to(Out.dtype.element_ty), mask=d < HEAD_DIM)

@@ -11,12 +11,16 @@ reps = arange(H)) it is plain multi-head decode attention.
 the CPU (how the tests check it); elsewhere it falls back to `clustered_attention_reference`, the pure-PyTorch
 definition, which also handles any number of query tokens and a boolean mask (prefill).
 
-Kernel layout: one program per (batch, head, split of the context). Programs are ordered by cluster, so the heads
-that share a representative's K block run side by side and read it through L2; each program recomputes the
-representative's scores (cheap: decode is memory-bound) and accumulates p @ V for its own head with an online
-softmax. A few PyTorch ops then merge the splits. Nothing synchronises with the host and every shape is fixed by
-the cache tensors, so the call can be captured in a CUDA graph; `kv_len` (a device tensor) says how much of a
-static cache is filled.
+Kernel layout: one program per (work item, split of the context, batch row), where a work item is a chunk of up
+to GROUP member heads of one cluster (cluster c of n_c heads has ceil(n_c / GROUP) of them; the kernel finds its
+cluster and member heads from the labels row, and the grid holds a static upper bound on the items, so extra
+programs exit at once). Each program streams its cluster's K tiles once, computes the representative's scores
+with an online softmax and accumulates p @ V for each of its member heads, so a step reads each representative's
+K ceil(n_c / GROUP) times (not once per head) and each head's V once. Only the filled prefix of a static cache is
+read: the split count follows the buffer length, and splits past `kv_len` run no tile. A second small kernel
+merges the splits (log-sum-exp). Nothing synchronises with the host and every shape is fixed by the cache
+tensors, so the call can be captured in a CUDA graph; `kv_len` (a device tensor) says how much of a static
+cache is filled.
 """
 
 import functools
@@ -72,22 +76,51 @@ def _kernel():
     return clustered_decode_kernel
 
 
+@functools.cache
+def _merge_kernel():
+    from chai.kernels._clustered_decode_triton import merge_splits_kernel
+
+    return merge_splits_kernel
+
+
 def _use_triton(q: torch.Tensor) -> bool:
     return HAVE_TRITON and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def _kv_len(kv_len, batch: int, length: int, device) -> torch.Tensor:
-    """[B] int32 valid lengths on the device (no host sync: a tensor stays a tensor)."""
-    if kv_len is None:
-        return torch.full((batch,), length, dtype=torch.int32, device=device)
-    return torch.as_tensor(kv_len, device=device).to(torch.int32).reshape(-1).expand(batch).contiguous()
+GROUP = 4  # member heads per program: a cluster of n heads reads its K ceil(n / GROUP) times, each V once
 
 
-def split_plan(batch: int, heads: int, length: int, block: int, target_programs: int = 1024) -> tuple[int, int]:
-    """(splits, tiles per split): about `target_programs` programs (batch * heads * splits) to fill the GPU. The
-    split length is the tile times a power of two, so a growing dynamic cache compiles only log2-many variants."""
-    tiles = 1
-    while tiles * block < length and batch * heads * -(-length // (tiles * block)) > target_programs:
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def work_items(heads: int, clusters: int, group: int = GROUP) -> int:
+    """Static bound on the programs per (batch row, split): cluster c of n_c >= 1 heads needs ceil(n_c / group)
+    of them, at most k + (H - k) // group over k non-empty clusters, largest at k = min(C, H)."""
+    k = min(clusters, heads)
+    return k + (heads - k) // group
+
+
+def _index_rows(index, labels):
+    """(tensor, batch stride) for an optional [B, n] index whose rows are contiguous (an expanded row keeps
+    stride 0, no copy); None passes labels as a placeholder the kernel never reads."""
+    if index is None:
+        return labels, 0
+    if index.dim() != 2 or index.stride(-1) != 1:
+        index = index.contiguous()
+    return index, index.stride(0)
+
+
+def split_plan(batch: int, heads: int, length: int, block: int, target_programs: int = 8192, min_tiles: int = 2,
+               max_splits: int = 64) -> tuple[int, int]:
+    """(splits, tiles per split): at most about `target_programs` programs (batch * heads * splits; `heads` = work
+    items per batch row), many waves of short programs so that the GPU's last wave is nearly full; at least
+    `min_tiles` tiles per split so that the per-split partial results stay small next to the K/V a split reads,
+    and at most `max_splits` splits (the merge kernel holds them all at once). The split length is the tile
+    times a power of two, so a growing dynamic cache compiles only log2-many variants."""
+    tiles = min_tiles
+    while tiles * block < length and (batch * heads * -(-length // (tiles * block)) > target_programs
+                                      or -(-length // (tiles * block)) > max_splits):
         tiles *= 2
     return -(-length // (tiles * block)), tiles
 
@@ -106,26 +139,38 @@ def clustered_decode_attention(q, k_rep, v, labels, reps, scaling: float, kv_len
         return out[:, :, 0] if squeeze else out
     batch, heads, _, dim = q4.shape
     clusters, length = reps.shape[1], k_rep.shape[2]
-    k_index, v_index = default_indices(k_rep, v, labels, reps, k_index, v_index)
     q3 = q4[:, :, 0]
     q3, k_rep, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q3, k_rep, v))
+    # Absent indices and lengths become kernel constants rather than tensors (fewer launches per decode step).
+    k_idx, stride_kib = _index_rows(k_index, labels)
+    v_idx, stride_vib = _index_rows(v_index, labels)
+    if isinstance(kv_len, torch.Tensor):
+        kv_t = kv_len.reshape(-1).to(q.device)  # no copy when already on the device
+        kv_t = kv_t.long() if kv_t.is_floating_point() else kv_t
+        kv_limit, stride_kvl = length, (0 if kv_t.numel() == 1 else kv_t.stride(0))
+    else:
+        kv_t, kv_limit, stride_kvl = labels, min(length, length if kv_len is None else int(kv_len)), 0
     block_d = 1 << (dim - 1).bit_length()  # next power of 2
     block_s = max(16, min(64, 4096 // block_d))
-    splits, tiles = split_plan(batch, heads, length, block_s)
-    order = torch.argsort(labels, dim=1, stable=True).contiguous()  # heads grouped by cluster: K_rep reuse in L2
+    items = work_items(heads, clusters)
+    splits, tiles = split_plan(batch, items, length, block_s)
     acc = torch.empty(batch, heads, splits, block_d, dtype=torch.float32, device=q.device)
     m = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
     lse = torch.empty_like(m)
-    _kernel()[(batch * heads, splits)](
-        q3, k_rep, v, order, labels.contiguous(), reps.contiguous(), k_index.contiguous(), v_index.contiguous(),
-        _kv_len(kv_len, batch, length, q.device), acc, m, lse,
+    _kernel()[(items, splits, batch)](
+        q3, k_rep, v, labels.contiguous(), reps.contiguous(), k_idx, v_idx, kv_t, acc, m, lse,
         q3.stride(0), q3.stride(1), k_rep.stride(0), k_rep.stride(1), k_rep.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        heads, clusters, splits, float(scaling),
-        HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_S=block_s, TILES=tiles, num_warps=4,
+        v.stride(0), v.stride(1), v.stride(2), stride_kib, stride_vib, stride_kvl,
+        heads, clusters, splits, max(1, heads // v.shape[1]), kv_limit, float(scaling),
+        HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_S=block_s, TILES=tiles,
+        BLOCK_H=_pow2(heads), BLOCK_C=_pow2(clusters), GROUP=GROUP,
+        DYNAMIC_LOOP=q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1",
+        HAS_KIDX=k_index is not None, HAS_VIDX=v_index is not None, HAS_KVLEN=isinstance(kv_len, torch.Tensor),
+        num_warps=4,
     )
-    # Merge the splits: each holds (max score, sum of exp, un-normalised p @ V); empty splits have m = -inf.
-    weight = torch.exp(m - m.amax(dim=-1, keepdim=True))  # [B, H, splits]
-    out = (acc * weight[..., None]).sum(2) / (lse * weight).sum(-1, keepdim=True)  # [B, H, BLOCK_D]
-    out = out[..., :dim].to(v.dtype)
+    out = torch.empty(batch, heads, dim, dtype=v.dtype, device=q.device)
+    _merge_kernel()[(batch * heads,)](
+        acc, m, lse, out, out.stride(0), out.stride(1), heads, splits,
+        HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_SPLITS=_pow2(splits), num_warps=4,
+    )
     return out if squeeze else out[:, :, None]
