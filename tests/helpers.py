@@ -9,3 +9,14 @@ def compose_cfg(overrides: list[str]):
     """The config `python run.py <overrides>` would run, composed in-process."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
+
+
+def assert_one_line_error(make, pattern: str) -> None:
+    """`make()` raises a ChaiError matching `pattern` whose message is one line (what run.py prints)."""
+    import pytest
+
+    from chai.errors import ChaiError
+
+    with pytest.raises(ChaiError, match=pattern) as err:
+        make()
+    assert "\n" not in str(err.value)

@@ -13,6 +13,7 @@ from chai.methods import build_method
 from chai.methods.chai import ChaiLayer, load_preset, presets
 from chai.models import architecture
 from tests.conftest import random_ids
+from tests.helpers import assert_one_line_error
 
 VOCAB = 1000  # ids drawn below every tiny model's vocabulary
 
@@ -183,18 +184,14 @@ def test_bad_settings_fail_with_one_line(tiny_llama):
         ({"layer_clusters": None}, "needs cluster counts"),
     ]
     for settings, message in cases:
-        with pytest.raises(ChaiError, match=f"(?i){message}") as err:
-            chai(**settings)
-        assert "\n" not in str(err.value)
+        assert_one_line_error(lambda: chai(**settings), f"(?i){message}")
     for settings, message in (
         ({"num_clusters": 9}, "asks for 9 clusters but has 8 heads"),
         ({"layer_clusters": [2, 2]}, "gives 2 cluster counts but the model has 3 layers"),
         ({"layer_clusters": "llama7b_dec2024"}, "gives 32 cluster counts"),
         ({"num_clusters": 2, "first_clustered_layer": 3}, "first_clustered_layer"),
     ):
-        with pytest.raises(ChaiError, match=message) as err:
-            chai(**settings).prepare(model)
-        assert "\n" not in str(err.value)
+        assert_one_line_error(lambda: chai(**settings).prepare(model), message)
     with pytest.raises(ChaiError, match="unknown setting|has no setting"):
         build_method({"name": "chai", "clusters": 3})
 

@@ -14,7 +14,7 @@ from chai.evaluate import measure_kv_bytes_per_token
 from chai.methods import build_method
 from chai.methods.dejavu_static import DejaVuStatic, attention_modules
 from tests.conftest import random_ids
-from tests.helpers import compose_cfg
+from tests.helpers import assert_one_line_error, compose_cfg
 
 
 def tiny_gqa():
@@ -156,9 +156,7 @@ def test_config_builds_the_method():
     ],
 )
 def test_invalid_settings_fail_in_one_line(settings, message):
-    with pytest.raises(ChaiError, match=re.escape(message)) as err:
-        DejaVuStatic(**settings)
-    assert "\n" not in str(err.value)
+    assert_one_line_error(lambda: DejaVuStatic(**settings), re.escape(message))
 
 
 def test_scores_of_the_wrong_shape_fail_in_one_line(tiny_llama):

@@ -10,12 +10,11 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from chai.attention import attention_probs, repeat_heads
-from chai.errors import ChaiError
 from chai.evaluate import measure_kv_bytes_per_token
 from chai.methods import build_method
 from chai.methods.sparq import SparQ, sparq_rows
 from tests.conftest import random_ids
-from tests.helpers import compose_cfg
+from tests.helpers import assert_one_line_error, compose_cfg
 
 
 def tiny_gqa():
@@ -181,13 +180,9 @@ def test_presets_set_the_compression():
     ],
 )
 def test_invalid_settings_fail_in_one_line(settings, message):
-    with pytest.raises(ChaiError, match=re.escape(message)) as err:
-        SparQ(**settings)
-    assert "\n" not in str(err.value)
+    assert_one_line_error(lambda: SparQ(**settings), re.escape(message))
 
 
 def test_r_above_head_dim_fails_in_one_line(tiny_llama):
     model, _ = tiny_llama
-    with pytest.raises(ChaiError, match="r=9 exceeds the model's head_dim 8") as err:
-        SparQ(compression=None, r=9, k=4).prepare(model)
-    assert "\n" not in str(err.value)
+    assert_one_line_error(lambda: SparQ(compression=None, r=9, k=4).prepare(model), "r=9 exceeds the model's head_dim 8")
