@@ -57,20 +57,24 @@ def piqa_rows():
         return [json.loads(next(f)) for _ in range(20)]
 
 
-@pytest.fixture(scope="session")
-def tiny_gqa():
-    """(model, None): a tiny random Llama with 8 query heads over 2 KV heads (SmolLM2's grouped layout, smaller);
-    ids below 1000."""
+def build_tiny_gqa(layers: int = 3, vocab: int = 1000):
+    """A tiny random Llama with 8 query heads over 2 KV heads, head_dim 8 (SmolLM2's grouped layout, smaller)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
     config = AutoConfig.for_model(
-        "llama", hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=8,
-        num_key_value_heads=2, vocab_size=1000, max_position_embeddings=256,
+        "llama", hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=8,
+        num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256,
     )
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.set_attn_implementation("sdpa")
-    return model.eval(), None
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_gqa():
+    """(model, None): `build_tiny_gqa()` with 3 layers; ids below 1000."""
+    return build_tiny_gqa(), None
 
 
 def random_ids(batch: int, length: int, vocab: int = 49152, seed: int = 0) -> torch.Tensor:

@@ -6,27 +6,19 @@ import re
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from chai.attention import AttnShape
 from chai.errors import ChaiError
 from chai.evaluate import measure_kv_bytes_per_token
 from chai.methods import build_method
 from chai.methods.dejavu_static import DejaVuStatic, attention_modules
-from tests.conftest import random_ids
+from tests.conftest import build_tiny_gqa, random_ids
 from tests.helpers import assert_one_line_error, compose_cfg
 
 
 def tiny_gqa():
     """8 query heads over 2 KV heads, head_dim 8: the grouped-query case (SmolLM2's layout, smaller)."""
-    config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
-        vocab_size=512, max_position_embeddings=128,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.set_attn_implementation("sdpa")
-    return model.eval()
+    return build_tiny_gqa(layers=2, vocab=512)
 
 
 def random_scores(model, seed=0) -> list:
