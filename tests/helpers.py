@@ -20,3 +20,14 @@ def assert_one_line_error(make, pattern: str) -> None:
     with pytest.raises(ChaiError, match=pattern) as err:
         make()
     assert "\n" not in str(err.value)
+
+
+def logits(model, ids, method=None):
+    """The model's logits for `ids`, under `method` when given (applied only for this forward)."""
+    import torch
+
+    with torch.no_grad():
+        if method is None:
+            return model(ids).logits
+        with method.applied(model):
+            return model(ids).logits

@@ -13,7 +13,7 @@ from chai.evaluate import measure_kv_bytes_per_token
 from chai.methods import build_method
 from chai.methods.dejavu_static import DejaVuStatic, attention_modules
 from tests.conftest import build_tiny_gqa, random_ids
-from tests.helpers import assert_one_line_error, compose_cfg
+from tests.helpers import assert_one_line_error, compose_cfg, logits
 
 
 def tiny_gqa():
@@ -24,14 +24,6 @@ def tiny_gqa():
 def random_scores(model, seed=0) -> list:
     shape = AttnShape.of(model.config)
     return torch.rand(shape.layers, shape.heads, generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-@torch.no_grad()
-def logits(model, ids, method=None):
-    if method is None:
-        return model(ids).logits
-    with method.applied(model):
-        return model(ids).logits
 
 
 @torch.no_grad()

@@ -13,20 +13,12 @@ from chai.evaluate import measure_kv_bytes_per_token
 from chai.methods import build_method
 from chai.methods.sparq import SparQ, sparq_rows
 from tests.conftest import build_tiny_gqa, random_ids
-from tests.helpers import assert_one_line_error, compose_cfg
+from tests.helpers import assert_one_line_error, compose_cfg, logits
 
 
 def tiny_gqa():
     """8 query heads over 2 KV heads, head_dim 8 (SmolLM2's grouped-query layout, smaller)."""
     return build_tiny_gqa(layers=2, vocab=512)
-
-
-@torch.no_grad()
-def logits(model, ids, method=None):
-    if method is None:
-        return model(ids).logits
-    with method.applied(model):
-        return model(ids).logits
 
 
 @torch.no_grad()
