@@ -25,6 +25,9 @@ def method_label(method: str, settings: dict | None = None) -> str:
         return f"{name} {settings['sparsity'] * 100:.0f}%"
     if method == "sparq" and settings.get("compression") is not None:
         return f"{name} {settings['compression']}x"
+    preset = settings.get("layer_clusters")
+    if method.startswith("chai") and isinstance(preset, str) and preset != "auto":
+        return f"{name} {preset}"  # the released per-layer lists (llama7b_jul2024, ...) are different methods
     return name
 
 
