@@ -5,6 +5,7 @@ The model is built once, wrapped in lm-eval's `HFLM`, and scored by `simple_eval
 costs under the method, analytic and measured from a real cache filled by a probe prompt.
 """
 
+import json
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from chai.errors import ChaiError
 from chai.paths import data_dir
 
 PROBE_FALLBACK = "The quick brown fox jumps over the lazy dog. " * 64
+SAMPLE_FIELDS = ("doc_id", "target", "arguments", "resps", "filtered_resps", "acc", "acc_norm")
 
 
 class CountingHFLM(HFLM):
@@ -34,8 +36,6 @@ def probe_ids(tokenizer, tokens: int, configured_data_dir=None) -> torch.Tensor:
     c4 = data_dir(configured_data_dir) / "c4" / "c4_validation_2k.jsonl"
     text = PROBE_FALLBACK
     if c4.exists():
-        import json
-
         with c4.open() as f:
             text = " ".join(json.loads(next(f))["text"] for _ in range(4))
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :tokens]
@@ -74,14 +74,11 @@ def metrics_of(results: dict, task: str) -> dict:
 
 
 def write_samples(folder: Path, run_id: str, samples: list[dict]) -> Path:
-    import json
-
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{run_id}.jsonl"
     with path.open("w") as f:
         for sample in samples:
-            keep = {k: sample.get(k) for k in ("doc_id", "target", "arguments", "resps", "filtered_resps", "acc")}
-            keep.update({k: v for k, v in sample.items() if k in ("acc", "acc_norm")})
+            keep = {k: sample[k] for k in SAMPLE_FIELDS if k in sample}
             f.write(json.dumps(keep, default=str) + "\n")
     return path
 
