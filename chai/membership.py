@@ -24,11 +24,10 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 from scipy.optimize import linear_sum_assignment
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
 
-from chai.attention import AttnShape, attention_probs, bool_causal_mask, dense, repeat_heads
+from chai.attention import AttnShape, attention_probs, dense, repeat_heads
 from chai.errors import ChaiError, require
+from chai.methods.base import Method
 from chai.paths import CONF_DIR, data_file, results_dir
 
 PROBE = "chai_membership_probe"
@@ -40,27 +39,31 @@ def settings_of(cfg):
     return found if found is not None else OmegaConf.load(CONF_DIR / "membership" / "default.yaml")
 
 
+class _ProbsProbe(Method):
+    """Dense SDPA attention that also stores each layer's attention probabilities over the first `tokens`
+    positions: {layer_idx: [B, H, tokens, tokens]}. Registered (and removed) through `Method.applied`."""
+
+    name = PROBE
+
+    def __init__(self, tokens: int):
+        self.tokens = tokens
+        self.store: dict[int, torch.Tensor] = {}
+
+    def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        # query [B, H, T, D]; key [B, Hkv, T, D]: repeat KV heads so each query head sees its own scores
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        probs = attention_probs(query, repeat_heads(key, query.shape[1] // key.shape[1]), attention_mask, scale)
+        self.store[module.layer_idx] = probs[:, :, : self.tokens, : self.tokens].cpu()
+        return dense(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+
+
 @contextlib.contextmanager
 def capturing_probs(model, tokens: int):
     """While active, every layer's forward stores its attention probabilities over the first `tokens` positions
     in the yielded dict {layer_idx: [B, H, tokens, tokens]} and returns exactly what SDPA returns."""
-    store: dict[int, torch.Tensor] = {}
-
-    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        # query [B, H, T, D]; key [B, Hkv, T, D]: repeat KV heads so each query head sees its own scores
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        probs = attention_probs(query, repeat_heads(key, query.shape[1] // key.shape[1]), attention_mask, scale)
-        store[module.layer_idx] = probs[:, :, :tokens, :tokens].cpu()
-        return dense(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
-
-    previous = model.config._attn_implementation
-    AttentionInterface.register(PROBE, attention)
-    AttentionMaskInterface.register(PROBE, bool_causal_mask)
-    model.set_attn_implementation(PROBE)
-    try:
-        yield store
-    finally:
-        model.set_attn_implementation(previous)
+    probe = _ProbsProbe(tokens)
+    with probe.applied(model):
+        yield probe.store
 
 
 def features_at(probs: torch.Tensor, t: int) -> torch.Tensor:
