@@ -22,7 +22,7 @@ import torch
 from omegaconf import OmegaConf
 
 from chai.attention import AttnShape, attention_probs, repeat_heads, to_output
-from chai.clustering import kmeans, labels_from_groups
+from chai.clustering import causal_features, kmeans, labels_from_groups
 from chai.errors import ChaiError
 from chai.methods.base import Method, RunContext
 from chai.paths import CONF_DIR, data_file, results_dir
@@ -79,8 +79,7 @@ class _Capture(Method):
         probs = attention_probs(query, repeat_heads(key, groups), attention_mask, scaling)  # [B, H, T, T]
         out = probs.to(value.dtype) @ repeat_heads(value, groups)  # [B, H, T, D]
         f = self.feature_tokens
-        rows, cols = torch.tril_indices(f, f, device=probs.device)
-        self.seen[module.layer_idx] = (probs[:, :, rows, cols], out.float().norm(dim=-1))
+        self.seen[module.layer_idx] = (causal_features(probs, f), out.float().norm(dim=-1))
         return to_output(out), None
 
 

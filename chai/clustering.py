@@ -80,6 +80,13 @@ def _refill_empty(x, labels, centers, sizes):
     return labels, centers
 
 
+def causal_features(probs: torch.Tensor, tokens: int) -> torch.Tensor:
+    """probs [B, H, >=tokens, >=tokens] -> [B, H, tokens(tokens+1)/2]: each head's causal attention rows over the
+    first `tokens` positions (the zeros above the diagonal carry no information), CHAI's clustering feature."""
+    rows, cols = torch.tril_indices(tokens, tokens, device=probs.device)
+    return probs[:, :, rows, cols]
+
+
 def kmeans(features: torch.Tensor, k: int, iters: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched Lloyd K-Means with farthest-point seeding; deterministic (no random restarts).
 

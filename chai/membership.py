@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 from scipy.optimize import linear_sum_assignment
 
 from chai.attention import AttnShape, attention_probs, dense, repeat_heads
+from chai.clustering import causal_features
 from chai.errors import ChaiError, require
 from chai.methods.base import Method
 from chai.paths import CONF_DIR, data_file, results_dir
@@ -68,8 +69,7 @@ def capturing_probs(model, tokens: int):
 
 def features_at(probs: torch.Tensor, t: int) -> torch.Tensor:
     """probs [B, H, T, T] -> [B, H, t(t+1)/2]: each head's causal attention rows of the first t tokens."""
-    rows, cols = torch.tril_indices(t, t)
-    return probs[:, :, rows, cols]
+    return causal_features(probs, t)
 
 
 def heads_moved(labels: np.ndarray, reference: np.ndarray) -> int:

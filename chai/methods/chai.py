@@ -30,7 +30,7 @@ from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
 from chai.attention import AttnShape, attention_probs, dense, repeat_heads, to_output
 from chai.clustering import ALGOS, REPRESENTATIVES, Membership, cluster_heads, labels_from_groups, random_labels
-from chai.clustering import representatives
+from chai.clustering import causal_features, representatives
 from chai.errors import ChaiError, did_you_mean, require
 from chai.kernels import clustered_decode as kd
 from chai.methods import register
@@ -299,8 +299,7 @@ class Chai(Method):
         mask = causal(0, m, m, query.device) if self.causal_features else None
         probs = attention_probs(q_first, k_first, mask, scaling)  # [B, H, m, m]
         if self.causal_features:
-            rows, cols = torch.tril_indices(m, m, device=probs.device)
-            features = probs[:, :, rows, cols]  # the zeros above the diagonal carry no information
+            features = causal_features(probs, m)
         else:
             features = probs.flatten(2)
         count = self._counts[idx]
