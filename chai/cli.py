@@ -1,5 +1,6 @@
 """What `run.py` does with a composed config: run the mode, record the result, mirror it, resume sweeps."""
 
+import contextlib
 import importlib
 import sys
 import traceback
@@ -7,6 +8,7 @@ import traceback
 from omegaconf import OmegaConf
 
 from chai.errors import ChaiError
+from chai.models import offline_hub
 from chai.paths import results_dir
 from chai.records import append_jsonl, mirror_to_wandb, new_record, read_jsonl, run_key
 
@@ -32,7 +34,8 @@ def run_mode(cfg, overrides: list[str], in_sweep: bool = False) -> dict | None:
     record = new_record(config, overrides, cfg.mode)
     record["results_path"] = str(path)
     try:
-        record.update(importlib.import_module(MODE_RUNNERS[cfg.mode]).run(cfg, record))
+        with offline_hub() if cfg.offline else contextlib.nullcontext():
+            record.update(importlib.import_module(MODE_RUNNERS[cfg.mode]).run(cfg, record))
     except Exception as err:  # noqa: BLE001 - a failure is a recorded row, not a lost sweep
         record["error"] = f"{type(err).__name__}: {err}"
         if not isinstance(err, ChaiError):

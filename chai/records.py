@@ -16,7 +16,7 @@ from pathlib import Path
 from chai.paths import ROOT
 
 # Settings that do not change what a run measures: left out of the run key.
-VOLATILE_KEYS = ("experiment_name", "results_dir", "logger", "data_dir", "hydra")
+VOLATILE_KEYS = ("experiment_name", "results_dir", "logger", "data_dir", "hydra", "offline")
 PACKAGES = ("torch", "transformers", "lm_eval", "accelerate", "hydra-core", "omegaconf", "scikit-learn")
 
 
