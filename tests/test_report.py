@@ -229,6 +229,17 @@ def test_empty_results_skip_everything_with_a_reason(tmp_path):
     assert any("experiment=latency" in why for why in report["skipped"])
 
 
+def test_a_model_the_paper_did_not_evaluate_gets_the_reference_models_numbers_named(tmp_path):
+    paper = {"source": "CHAI", "reference_model": "llama7b", "delta": {"llama7b": {"chai": {"piqa": -2.0}}}}
+    frame = latest(eval_frame([record("mha", "piqa", 0.7, model="tiny"), record("chai", "piqa", 0.6, model="tiny")]))
+    write_tables(frame, tmp_path, paper=paper)
+    text = (tmp_path / "table1_tiny.md").read_text()
+    assert table_rows(tmp_path / "table1_tiny.md")["CHAI"][0] == "-10.0 (-2.0)"
+    assert "the paper's number for llama7b (the paper did not evaluate tiny" in text
+    write_tables(frame, tmp_path, paper={k: v for k, v in paper.items() if k != "reference_model"})
+    assert table_rows(tmp_path / "table1_tiny.md")["CHAI"][0] == "-10.0"  # no reference model: no parentheses
+
+
 def test_tables_skip_when_only_mha_is_recorded(tmp_path):
     frame = latest(eval_frame([record("mha", "piqa", 0.7)]))
     written, skipped = write_tables(frame, tmp_path)
@@ -245,3 +256,14 @@ def test_figures_script_runs_with_defaults_on_a_results_folder(results, tmp_path
                           "--figures", str(tmp_path / "f"), "--tables", str(tmp_path / "t")],
                          capture_output=True, text=True, check=True)
     assert "wrote" in out.stdout and (tmp_path / "f" / "fig08_elbow_llama7b.png").exists()
+
+
+def test_a_long_title_fits_a_one_panel_figure():
+    from chai.report.style import figure_title, panels, plt
+
+    fig, _ = panels(1)
+    figure_title(fig, "CHAI accuracy against the first clustered layer: smollm2-135m-instruct, first 200")
+    fig.tight_layout()
+    box = fig._suptitle.get_window_extent(fig.canvas.get_renderer())
+    plt.close(fig)
+    assert "\n" in fig._suptitle.get_text() and box.x0 >= 0 and box.x1 <= fig.bbox.width

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from chai.report.loading import matching
-from chai.report.style import legend, method_label, ordered_tasks, panels, save, task_label
+from chai.report.style import figure_title, legend, method_label, ordered_tasks, panels, save, task_label
 from chai.report.tables import limit_name
 
 GROUPINGS = ("chai", "chai_static", "random_groups")
@@ -46,7 +46,7 @@ def _sweep_figure(part, tasks, series, x_label, title, metric, logx=False):
             ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
     legend(axes, fontsize=7)
-    fig.suptitle(title, fontsize=10)
+    figure_title(fig, title)
     return fig
 
 

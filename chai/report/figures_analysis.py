@@ -10,7 +10,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 
-from chai.report.style import panels, save
+from chai.report.style import figure_title, panels, save
 
 MAX_LAYERS = 8  # panels per figure: evenly spaced layers, first and last included
 
@@ -31,7 +31,7 @@ def correlation_figure(artifact: dict, key: str, title: str):
         ax.set_ylabel("head", fontsize=8)
         ax.tick_params(labelsize=6)
     fig.colorbar(image, ax=axes, shrink=0.8, label="correlation")
-    fig.suptitle(title, fontsize=10)
+    figure_title(fig, title)
     return fig
 
 
@@ -58,7 +58,7 @@ def elbow_figure(artifact: dict, model: str):
     last.set_xlabel("layer", fontsize=8)
     last.set_ylabel("chosen clusters", fontsize=8)
     last.set_title(f"rule: {str(artifact['elbow'].get('rule', '')).split(':')[0]}", fontsize=9)
-    fig.suptitle(f"Elbow curves and chosen cluster counts: {model}", fontsize=10)
+    figure_title(fig, f"Elbow curves and chosen cluster counts: {model}")
     return fig
 
 
@@ -103,7 +103,7 @@ def cluster_size_figure(shares: np.ndarray, model: str):
     per_layer.set_title("per layer (colour: cluster size)")
     if len(used) <= 12:
         per_layer.legend(fontsize=6, ncol=2, title="size", title_fontsize=7)
-    fig.suptitle(f"Cluster sizes at the chosen counts: {model}", fontsize=10)
+    figure_title(fig, f"Cluster sizes at the chosen counts: {model}")
     return fig
 
 
@@ -150,7 +150,7 @@ def membership_figure(frame: pd.DataFrame, out: Path) -> tuple[list, list]:
         ax.axvline(5, color="gray", linestyle=":", linewidth=1, label="CHAI's choice: 5 tokens")
         ax.set_xlabel("tokens membership is decided on")
         ax.set_ylabel(f"differs from t = {row['reference_tokens']} (%)")
-        ax.set_title(f"Cluster membership changes: {model} ({row['n_docs']} documents)", fontsize=10)
+        figure_title(fig, f"Cluster membership changes: {model} ({row['n_docs']} documents)")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         written += save(fig, out, f"fig09_membership_changes_{model}")

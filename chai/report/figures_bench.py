@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from chai.report.style import legend, method_label, panels, save
+from chai.report.style import figure_title, legend, method_label, panels, save
 
 MEMORY_PATHS = ("sdpa", "method")  # one dynamic-cache line per method: the static paths hold the same K,V
 
@@ -53,7 +53,7 @@ def latency_figures(frame: pd.DataFrame, out: Path) -> tuple[list, list]:
                 ax.grid(alpha=0.3)
                 _oom_note(ax, rows)
         legend(axes, fontsize=6)
-        fig.suptitle(f"Latency: {model}", fontsize=10)
+        figure_title(fig, f"Latency: {model}")
         written += save(fig, out, f"fig11_latency_{model}")
     return written, []
 
@@ -87,6 +87,6 @@ def memory_figures(frame: pd.DataFrame, out: Path) -> tuple[list, list]:
                 ax.grid(alpha=0.3)
                 _oom_note(ax, rows)
             legend([cache_ax], fontsize=6)
-        fig.suptitle(f"K,V memory: {model}", fontsize=10)
+        figure_title(fig, f"K,V memory: {model}")
         written += save(fig, out, f"fig12_memory_{model}")
     return written, [] if written else ["fig12: no bench cells on the sdpa or method path"]

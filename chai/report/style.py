@@ -3,6 +3,7 @@
 Matplotlib runs headless (Agg): reports are built on servers and in CI.
 """
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -52,6 +53,17 @@ def panels(n: int, width: float = 3.4, height: float = 2.8, max_cols: int = 5, l
     return fig, flat[:n]
 
 
+TITLE_SIZE = 10  # points
+CHAR_WIDTH = 0.6  # a character's mean width as a share of the font size, generous for DejaVu Sans
+
+
+def figure_title(fig, text: str, fontsize: float = TITLE_SIZE) -> None:
+    """The figure's title, wrapped onto as many lines as the figure's width needs (a one-panel figure is narrow)."""
+    width_points = fig.get_figwidth() * 72
+    chars_per_line = max(20, int(width_points / (CHAR_WIDTH * fontsize)))
+    fig.suptitle(textwrap.fill(text, chars_per_line, break_on_hyphens=False), fontsize=fontsize)
+
+
 def save(fig, folder: Path, stem: str) -> list[Path]:
     """Write `stem`.png and `stem`.pdf into `folder`; returns both paths."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -59,7 +71,7 @@ def save(fig, folder: Path, stem: str) -> list[Path]:
         fig.tight_layout()
     paths = [folder / f"{stem}.png", folder / f"{stem}.pdf"]
     fig.savefig(paths[0], dpi=150)
-    fig.savefig(paths[1])
+    fig.savefig(paths[1], metadata={"CreationDate": None})  # no timestamp: unchanged figures, unchanged files
     plt.close(fig)
     return paths
 

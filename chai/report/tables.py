@@ -62,6 +62,12 @@ def load_paper(path: Path = PAPER_FILE) -> dict:
     return yaml.safe_load(path.read_text()) if path.exists() else {}
 
 
+def paper_model(paper: dict, model: str) -> str | None:
+    """Whose paper numbers go beside `model`'s: its own where the paper has them, else the paper's reference model."""
+    listed = {*(paper.get("delta") or {}), *(paper.get("absolute") or {})}
+    return model if model in listed else paper.get("reference_model")
+
+
 def limit_name(limit) -> str:
     return "full sets" if limit is None or (isinstance(limit, float) and math.isnan(limit)) else f"first {int(limit)}"
 
@@ -71,14 +77,15 @@ def _value(rows: pd.DataFrame, task: str, column: str) -> float:
     return float(picked[column].iloc[-1]) if not picked.empty else math.nan
 
 
-def table_cells(frame: pd.DataFrame, rows: list[Row], metric: str, paper: dict, model: str):
-    """The grid of one table: (tasks, [(row, [(ours, paper) per task + K,V column])], missing row labels, n)."""
+def table_cells(frame: pd.DataFrame, rows: list[Row], metric: str, paper: dict, source_model: str | None):
+    """The grid of one table: (tasks, [(row, [(ours, paper) per task + K,V column])], missing row labels, n).
+    `source_model`: the paper model whose numbers fill the (paper) half of the cells."""
     tasks = ordered_tasks(frame["task"].unique())
     mha = matching(frame, "mha")
     base = {t: _value(mha, t, metric) for t in tasks}
     base_kv = mha["kv_measured"].mean() if not mha.empty else math.nan
-    deltas = (paper.get("delta") or {}).get(model) or {}
-    absolutes = (paper.get("absolute") or {}).get(model) or {}
+    deltas = (paper.get("delta") or {}).get(source_model) or {}
+    absolutes = (paper.get("absolute") or {}).get(source_model) or {}
     grid, missing = [], []
     for row in rows:
         found = matching(frame, row.method, row.fixed)
@@ -137,14 +144,23 @@ def to_latex(title: str, caption: str, tasks, grid, n, label: str) -> str:
     return "\n".join(lines)
 
 
-def caption_for(metric: str, missing: list[str], paper: dict, has_paper: bool) -> str:
+def paper_note(paper: dict, source_model: str, model: str) -> str:
+    """Which paper numbers the parentheses hold, and where they come from."""
+    whose = f"the paper's number for {source_model}"
+    if source_model != model:
+        whose += f" (the paper did not evaluate {model}: a reference point, not a target)"
+    return f"In parentheses: {whose}. Source: {' '.join(str(paper.get('source', '')).split())}"
+
+
+def caption_for(metric: str, missing: list[str], paper: dict, source_model: str | None, model: str) -> str:
+    """`source_model`: the paper model whose numbers are in the table, None when there are none."""
     parts = [
         f"Metric: lm-eval `{metric}`, zero-shot. MHA row: accuracy in percent ± standard error; other rows: "
         "difference from MHA in points (* = absolute, no MHA record for that task). K,V/token: measured cache bytes "
         "per token as a share of MHA's."
     ]
-    if has_paper:
-        parts.append(f"In parentheses: the paper's number. Source: {' '.join(str(paper.get('source', '')).split())}")
+    if source_model:
+        parts.append(paper_note(paper, source_model, model))
     if missing:
         parts.append(f"Not recorded yet: {', '.join(missing)}.")
     return " ".join(parts)
@@ -159,14 +175,15 @@ def write_tables(frame: pd.DataFrame, out: Path, metric: str = "acc", paper: dic
     out.mkdir(parents=True, exist_ok=True)
     frame = frame.assign(limit_key=frame["limit"].map(limit_name))
     for (model, limit), part in frame.groupby(["model", "limit_key"], sort=True):
+        source_model = paper_model(paper, model)
         for name, (title, rows) in TABLES.items():
-            tasks, grid, missing, n = table_cells(part, rows, metric, paper, model)
+            tasks, grid, missing, n = table_cells(part, rows, metric, paper, source_model)
             if not any(row.method != "mha" for row, _ in grid):
                 skipped.append(f"{name} {model} ({limit}): no method besides MHA recorded "
                                f"(run `python run.py experiment={SOURCES[name]}`)")
                 continue
             has_paper = any(theirs for _, cells in grid for _, theirs in cells)
-            caption = caption_for(metric, missing, paper, has_paper)
+            caption = caption_for(metric, missing, paper, source_model if has_paper else None, model)
             full_title = f"{title}: {model}, {limit}"
             stem = f"{name}_{model}" + ("" if limit == "full sets" else f"_limit{limit.split()[-1]}")
             (out / f"{stem}.md").write_text(to_markdown(full_title, caption, tasks, grid, n))
