@@ -16,7 +16,9 @@
 # each cell once, and a call cut short goes on where it stopped. Runs stop by BUDGET_S (default 540 s) so the table
 # is always written.
 # Knobs: NEW_TOKENS (16), REPEATS (2), WARMUP (1), STATIC_STEP (auto: CUDA graph | compile), BATCH, SEQ, PYTHON,
-# MODEL (llama7b) and CHAI_ARGS (the two released 7B lists) to rehearse the script on a tiny model on a CPU.
+# MODEL (llama7b) and CHAI_ARGS (the two released 7B lists; also to rehearse the script on a tiny model on a CPU),
+# BASELINES_ONLY_CHAI=1 (skip DEJAVU and SparQ: LLaMA-33B on one H200 is
+#   MODEL=llama33b CHAI_ARGS=method.layer_clusters=llama33b BATCH=[1,8] BASELINES_ONLY_CHAI=1 GRID=core ...).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -58,8 +60,10 @@ print(json.dumps({"head_importance": rows}))' "$MODEL" > "$OUT/dejavu_random_hea
 nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv 2>&1 | tee -a "$OUT/bench.log"
 # The first run also measures the MHA baselines of every cell; later runs reuse them.
 run -m method=chai $CHAI_ARGS
-run method=dejavu_static method.sparsity=0.5 "method.head_scores=$OUT/dejavu_random_head_scores.json"
-run method=sparq_8x
+if [[ "${BASELINES_ONLY_CHAI:-0}" != 1 ]]; then  # 1: CHAI and the MHA baselines only (the larger models)
+  run method=dejavu_static method.sparsity=0.5 "method.head_scores=$OUT/dejavu_random_head_scores.json"
+  run method=sparq_8x
+fi
 
 mkdir -p "$RESULTS/bench" && touch "$RESULTS/bench/runs.jsonl"
 "$PY" - "$RESULTS/bench/runs.jsonl" > "$OUT/bench_table.md" <<'EOF'

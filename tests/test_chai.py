@@ -43,7 +43,11 @@ def test_clusters_equal_heads_is_mha(tiny_model):
     heads = model.config.num_attention_heads
     ids = random_ids(2, 24, VOCAB)
     ref = logits(model, ids)
+    dense = chai(num_clusters=heads)  # by default such layers run dense: no clustering at all
+    torch.testing.assert_close(logits(model, ids, dense), ref, rtol=0, atol=1e-5)
+    assert set(dense.describe()["clusters_per_layer"]) == {"dense"} and dense.describe()["clustering_calls"] == 0
     method = chai(num_clusters=heads)
+    method.full_layers_dense = False  # here: the clustered path itself, at its no-op setting
     torch.testing.assert_close(logits(model, ids, method), ref, rtol=0, atol=1e-5)
     cache = method.make_cache(model)
     torch.testing.assert_close(logits(model, ids, method, cache), ref, rtol=0, atol=1e-5)
@@ -226,7 +230,8 @@ def test_presets_match_their_models():
         assert max(preset["layers"]) <= config.num_attention_heads, name
         method = chai(layer_clusters=name)
         method._setup(config)  # no weights needed
-        assert method.describe()["clusters_per_layer"] == preset["layers"]
+        heads = config.num_attention_heads
+        assert method.describe()["clusters_per_layer"] == ["dense" if c == heads else c for c in preset["layers"]]
 
 
 def test_reference_code_options(tiny_llama):

@@ -66,6 +66,23 @@ def test_kernel_matches_reference(batch, heads, clusters, length, dim, kv_len):
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("config", [
+    kd.KernelConfig(group=1, block_s=16, min_tiles=1),  # one head per program: K re-read per member
+    kd.KernelConfig(group=2, block_s=64, num_warps=8),
+    kd.KernelConfig(group=8, block_s=32, target_programs=64),  # few programs: long splits
+    kd.KernelConfig(mma=False),  # the CUDA-core kernel
+    kd.KernelConfig(mma=False, group=1, block_s=16, min_tiles=1),
+])
+@needs_interpreter
+def test_every_launch_config_matches_reference(config):
+    """The tuning script's settings change speed only: kernel, member heads per program, tile, splits."""
+    q, k, v, labels, reps = inputs(2, 12, 5, 150, 16, torch.float32, seed=3, capacity=160)
+    kv = torch.tensor([150, 77])
+    out = kd.clustered_decode_attention(q, k, v, labels, reps, 0.25, kv_len=kv, config=config)
+    ref = kd.clustered_attention_reference(q, k, v, labels, reps, 0.25, kv_len=kv)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
 @needs_interpreter
 def test_kernel_half_precision_and_3d_query():
     q, k, v, labels, reps = inputs(2, 8, 4, 90, 16, torch.float16, seed=1)

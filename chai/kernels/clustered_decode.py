@@ -23,8 +23,10 @@ tensors, so the call can be captured in a CUDA graph; `kv_len` (a device tensor)
 cache is filled.
 """
 
+import dataclasses
 import functools
 import importlib.util
+import json
 import os
 
 import torch
@@ -68,12 +70,12 @@ def clustered_attention_reference(q, k_rep, v, labels, reps, scaling, mask=None,
 
 
 @functools.cache
-def _kernel():
+def _kernel(mma: bool):
     """The Triton kernel, imported on first use: importing this module never imports triton (the interpreter
     must be switched on before triton's first import, and CPU-only installs have no triton)."""
-    from chai.kernels._clustered_decode_triton import clustered_decode_kernel
+    from chai.kernels import _clustered_decode_triton as kernels
 
-    return clustered_decode_kernel
+    return kernels.clustered_decode_mma_kernel if mma else kernels.clustered_decode_kernel
 
 
 @functools.cache
@@ -87,7 +89,35 @@ def _use_triton(q: torch.Tensor) -> bool:
     return HAVE_TRITON and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-GROUP = 4  # member heads per program: a cluster of n heads reads its K ceil(n / GROUP) times, each V once
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Launch settings of the decode kernel. block_s None: 4096 / head_dim keys per tile (32 at D = 128), 16..64.
+    `mma`: the tensor-core kernel (tiles through shared memory, pipelined) or the CUDA-core one;
+    `group`: member heads per program (a cluster of n heads reads its K ceil(n / group) times, each V once);
+    `target_programs`, `min_tiles`: see `split_plan`. The defaults are the fastest of `scripts/gpu_kernel_tune.py`
+    on an H100 (LLaMA-7B layer shapes)."""
+
+    mma: bool = True
+    group: int = 4
+    block_s: int | None = None
+    num_warps: int = 4
+    num_stages: int = 3
+    target_programs: int = 8192
+    min_tiles: int = 2
+
+    def tile(self, block_d: int) -> int:
+        return self.block_s or max(16, min(64, 4096 // block_d))
+
+
+def _from_env() -> KernelConfig:
+    """KernelConfig() with the fields of the JSON object in CHAI_KERNEL_CONFIG, if set (how the tuning script hands
+    its best settings to a bench in the same session)."""
+    text = os.environ.get("CHAI_KERNEL_CONFIG")
+    return KernelConfig(**json.loads(text)) if text else KernelConfig()
+
+
+DEFAULT = _from_env()
+GROUP = DEFAULT.group
 
 
 def _pow2(n: int) -> int:
@@ -125,11 +155,13 @@ def split_plan(batch: int, heads: int, length: int, block: int, target_programs:
     return -(-length // (tiles * block)), tiles
 
 
-def clustered_decode_attention(q, k_rep, v, labels, reps, scaling: float, kv_len=None, k_index=None, v_index=None):
+def clustered_decode_attention(q, k_rep, v, labels, reps, scaling: float, kv_len=None, k_index=None, v_index=None,
+                               config: KernelConfig = DEFAULT):
     """Decode attention with clustered heads. q [B, H, 1, D] (or [B, H, D]); k_rep [B, C, S, D]: K of each
     cluster's representative (or any kept-K layout, read through k_index [B, C]); v [B, H, S, D] (GQA: [B, Hv, S, D],
     read through v_index [B, H]); labels [B, H] int: cluster of each head; reps [B, C] int: the query head scoring
-    each cluster; kv_len: valid cache length ([] or [B] tensor, or int; None = S). Returns [B, H, 1, D] (or
+    each cluster; kv_len: valid cache length ([] or [B] tensor, or int; None = S); config: launch settings (Triton
+only). Returns [B, H, 1, D] (or
     [B, H, D]) in v's dtype."""
     squeeze = q.dim() == 3
     q4 = q[:, :, None] if squeeze else q
@@ -150,23 +182,24 @@ def clustered_decode_attention(q, k_rep, v, labels, reps, scaling: float, kv_len
         kv_limit, stride_kvl = length, (0 if kv_t.numel() == 1 else kv_t.stride(0))
     else:
         kv_t, kv_limit, stride_kvl = labels, min(length, length if kv_len is None else int(kv_len)), 0
-    block_d = 1 << (dim - 1).bit_length()  # next power of 2
-    block_s = max(16, min(64, 4096 // block_d))
-    items = work_items(heads, clusters)
-    splits, tiles = split_plan(batch, items, length, block_s)
+    block_d = max(16 if config.mma else 1, 1 << (dim - 1).bit_length())  # a power of 2; an MMA's K is >= 16
+    block_s = config.tile(block_d)
+    items = work_items(heads, clusters, config.group)
+    splits, tiles = split_plan(batch, items, length, block_s, config.target_programs, config.min_tiles)
     acc = torch.empty(batch, heads, splits, block_d, dtype=torch.float32, device=q.device)
     m = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
     lse = torch.empty_like(m)
-    _kernel()[(items, splits, batch)](
+    extra = {"PRECISION": "ieee" if v.dtype == torch.float32 else "tf32"} if config.mma else {}
+    _kernel(config.mma)[(items, splits, batch)](
         q3, k_rep, v, labels.contiguous(), reps.contiguous(), k_idx, v_idx, kv_t, acc, m, lse,
         q3.stride(0), q3.stride(1), k_rep.stride(0), k_rep.stride(1), k_rep.stride(2),
         v.stride(0), v.stride(1), v.stride(2), stride_kib, stride_vib, stride_kvl,
         heads, clusters, splits, max(1, heads // v.shape[1]), kv_limit, float(scaling),
         HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_S=block_s, TILES=tiles,
-        BLOCK_H=_pow2(heads), BLOCK_C=_pow2(clusters), GROUP=GROUP,
+        BLOCK_H=_pow2(heads), BLOCK_C=_pow2(clusters), GROUP=config.group,
         DYNAMIC_LOOP=q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1",
         HAS_KIDX=k_index is not None, HAS_VIDX=v_index is not None, HAS_KVLEN=isinstance(kv_len, torch.Tensor),
-        num_warps=4,
+        num_warps=config.num_warps, num_stages=config.num_stages, **extra,
     )
     out = torch.empty(batch, heads, dim, dtype=v.dtype, device=q.device)
     _merge_kernel()[(batch * heads,)](

@@ -20,6 +20,7 @@ takes it. No announcement (a plain DynamicCache, use_cache=False) means K and V 
 membership lives only for the current forward.
 """
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import ClassVar
@@ -122,6 +123,10 @@ class Chai(Method):
 
     name = "chai"
     membership: ClassVar[str] = "online"  # online | static (chai_static) | random (random_groups)
+    # A layer with as many clusters as heads is MHA (every head its own representative), so it runs dense, as the
+    # released lists mean it (the Dec 2024 list keeps 18 of LLaMA-7B's layers at 32). Tests switch it off to
+    # check the clustered path itself at that no-op setting.
+    full_layers_dense: ClassVar[bool] = True
 
     layer_clusters: list[int] | str | None = "auto"  # per-layer list | preset name (conf/clusters/) | auto
     num_clusters: int | None = None  # uniform count for layers >= first_clustered_layer; wins over layer_clusters
@@ -188,7 +193,8 @@ class Chai(Method):
         require(self.first_clustered_layer < shape.layers,
                 f"method.first_clustered_layer={self.first_clustered_layer} but the model has {shape.layers} layers.")
         self._shape = shape
-        self._counts = [None if layer < self.first_clustered_layer else c for layer, c in enumerate(counts)]
+        dense = lambda layer, c: layer < self.first_clustered_layer or (self.full_layers_dense and c == shape.heads)
+        self._counts = [None if dense(layer, c) else c for layer, c in enumerate(counts)]
         self._fixed = self._fixed_memberships(shape) if self.membership != "online" else None
         self._config_id = id(config)
 
@@ -361,6 +367,7 @@ class Chai(Method):
                 str(layer): m.groups(0) for layer, m in sorted((self._fixed or self._last).items())
             },
             "kept_kv_heads": {str(layer): m.kept_kv()[0] for layer, m in sorted((self._fixed or self._last).items())},
+            "decode_kernel": dataclasses.asdict(kd.DEFAULT),  # launch settings of the fused decode (CUDA)
         }
 
 
