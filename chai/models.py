@@ -71,7 +71,7 @@ def _gguf_snapshot(cfg) -> Path:
     else:
         gguf = gguf_from_package(cfg.package, cfg.gguf_file)
     target = cache_dir() / f"{cfg.name}-{gguf.stat().st_size}"
-    if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
+    if _complete(target):
         return target
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -82,9 +82,17 @@ def _gguf_snapshot(cfg) -> Path:
         del model.config.quantization_config
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)  # atomic: a concurrent or killed load never sees half a snapshot
+    if not _complete(target):
+        shutil.rmtree(target, ignore_errors=True)  # left half-written by an old version: never read
+    try:
+        partial.rename(target)  # atomic: a concurrent or killed load never sees half a snapshot
+    except OSError:  # a concurrent run finished first (parallel sweep stages): keep its copy, others may read it
+        shutil.rmtree(partial, ignore_errors=True)
     return target
+
+
+def _complete(snapshot: Path) -> bool:
+    return (snapshot / "config.json").exists() and (snapshot / "tokenizer_config.json").exists()
 
 
 def _hub_location(cfg) -> str:

@@ -98,6 +98,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--budget", type=float, default=240.0)
+    parser.add_argument("--quick", action="store_true", help="tensor-core settings only, against the default")
     args = parser.parse_args()
     deadline = time.time() + args.budget
     args.out.mkdir(parents=True, exist_ok=True)
@@ -111,9 +112,9 @@ def main():
             log.write(json.dumps(row) + "\n")
             print(json.dumps(row))
         print("default", kd.DEFAULT, measure(kd.DEFAULT, cases), "at C=H:", measure(kd.DEFAULT, mha_cases))
-        cuda_cores = kd.KernelConfig(mma=False, group=4, block_s=64, num_stages=2, target_programs=2048)
-        stage1 = [cuda_cores] + [kd.KernelConfig(group=g, block_s=s, num_warps=w, num_stages=st)
-                                 for g, s, w, st in itertools.product([1, 2, 4], [16, 32, 64], [4, 8], [2, 3])]
+        grid = ([1, 2, 4], [32, 64], [4], [2, 3]) if args.quick else ([1, 2, 4], [16, 32, 64], [4, 8], [2, 3])
+        stage1 = [kd.DEFAULT] + [kd.KernelConfig(mma=True, group=g, block_s=s, num_warps=w, num_stages=st)
+                                 for g, s, w, st in itertools.product(*grid)]
         best = sweep(stage1, cases, log, deadline - args.budget * 0.35)
         stage2 = [dataclasses.replace(c, target_programs=t, min_tiles=m)
                   for _, c in best[:4] for t, m in itertools.product([1024, 2048, 4096, 16384], [1, 2])]

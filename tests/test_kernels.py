@@ -67,11 +67,11 @@ def test_kernel_matches_reference(batch, heads, clusters, length, dim, kv_len):
 
 
 @pytest.mark.parametrize("config", [
-    kd.KernelConfig(group=1, block_s=16, min_tiles=1),  # one head per program: K re-read per member
-    kd.KernelConfig(group=2, block_s=64, num_warps=8),
-    kd.KernelConfig(group=8, block_s=32, target_programs=64),  # few programs: long splits
-    kd.KernelConfig(mma=False),  # the CUDA-core kernel
+    kd.KernelConfig(mma=True, group=1, block_s=16, min_tiles=1),  # one head per program: K re-read per member
+    kd.KernelConfig(mma=True, group=2, block_s=64, num_warps=8),
+    kd.KernelConfig(mma=True, group=8, block_s=32, target_programs=64),  # few programs: long splits
     kd.KernelConfig(mma=False, group=1, block_s=16, min_tiles=1),
+    kd.KernelConfig(mma=False, group=8, block_s=None, min_tiles=2),
 ])
 @needs_interpreter
 def test_every_launch_config_matches_reference(config):

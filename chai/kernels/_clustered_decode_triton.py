@@ -130,9 +130,7 @@ def clustered_decode_mma_kernel(
     dj = j % BLOCK_D
     of_member = gg[:, None] == (j // BLOCK_D)[None, :]  # [GROUP, GROUP * BLOCK_D]
     col_head = tl.sum(tl.where(of_member, head[:, None], 0), axis=0)
-    col_vhead = tl.sum(tl.where(of_member, vhead[:, None], 0), axis=0)
     col_member = tl.sum(tl.where(of_member, row_ok[:, None].to(tl.int32), 0), axis=0) > 0  # an existing member
-    col_ok = col_member & (dj < HEAD_DIM)
     q = tl.load(Q + b * stride_qb + r * stride_qh + d, mask=d_ok, other=0.0)
     q_rows = tl.broadcast_to(q[None, :], (16, BLOCK_D))
     m_i = tl.full([16], float("-inf"), tl.float32)
@@ -152,8 +150,11 @@ def clustered_decode_mma_kernel(
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(score - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        val = tl.load(v_base + col_vhead[None, :] * stride_vh + s[:, None] * stride_vs + dj[None, :],
-                      mask=s_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_S, GROUP * BLOCK_D]
+        # Loaded member by member ([GROUP, BLOCK_S, BLOCK_D], contiguous along D, so the loads vectorise), then
+        # laid side by side: [BLOCK_S, GROUP * BLOCK_D].
+        val = tl.load(v_base + vhead[:, None, None] * stride_vh + s[None, :, None] * stride_vs + d[None, None, :],
+                      mask=row_ok[:, None, None] & s_ok[None, :, None] & d_ok[None, None, :], other=0.0)
+        val = tl.reshape(tl.trans(val, (1, 0, 2)), (BLOCK_S, GROUP * BLOCK_D))
         acc = acc * alpha[:, None] + tl.dot(p.to(val.dtype), val, input_precision=PRECISION)
         m_i = m_new
     first = tl.arange(0, 16)[:, None] == 0

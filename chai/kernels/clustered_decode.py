@@ -98,12 +98,12 @@ class KernelConfig:
     on an H100 (LLaMA-7B layer shapes)."""
 
     mma: bool = True
-    group: int = 4
-    block_s: int | None = None
+    group: int = 2
+    block_s: int | None = 64
     num_warps: int = 4
-    num_stages: int = 3
-    target_programs: int = 8192
-    min_tiles: int = 2
+    num_stages: int = 2
+    target_programs: int = 2048
+    min_tiles: int = 1
 
     def tile(self, block_d: int) -> int:
         return self.block_s or max(16, min(64, 4096 // block_d))
