@@ -39,7 +39,7 @@ TABLES = {
         [Row("mha", "MHA", "mha"), Row("chai", "CHAI", "chai"), Row("chai_static", "CHAI-static", "chai_static"),
          *(Row(f"dejavu_static_{p}", f"DejaVu-static {p}%", "dejavu_static", {"sparsity": p / 100})
            for p in (10, 30, 50)),
-         Row("sparq", "SparQ", "sparq")],
+         *(Row(f"sparq_{x}x", f"SparQ {x}x", "sparq", {"compression": x}) for x in (2, 4, 8))],
     ),
     "table2": (
         "CHAI against its variants (ours)",
