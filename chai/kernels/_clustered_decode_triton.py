@@ -56,11 +56,17 @@ def clustered_decode_kernel(
     stride_kib, stride_vib, stride_kvl, heads, clusters, splits, v_group, kv_limit, scaling,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, TILES: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, GROUP: tl.constexpr, DYNAMIC_LOOP: tl.constexpr,
-    HAS_KIDX: tl.constexpr, HAS_VIDX: tl.constexpr, HAS_KVLEN: tl.constexpr,
+    HAS_KIDX: tl.constexpr, HAS_VIDX: tl.constexpr, HAS_KVLEN: tl.constexpr, MMA: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """One program per (work item, split, batch), CUDA cores: a work item is one chunk of up to GROUP member
-    heads of one cluster (`_work_item`). The program streams the cluster's K tiles once, computes the
-    representative's scores with an online softmax, and accumulates p @ V for each of its member heads."""
+    """One program per (work item, split, batch): a work item is one chunk of up to GROUP member heads of one
+    cluster (`_work_item`). The program streams the cluster's K tiles once, computes the representative's scores
+    with an online softmax, and accumulates p @ V for each of its member heads, on CUDA cores or (MMA) on tensor
+    cores. Tensor cores: the representative's query is repeated to the 16 rows an MMA needs (every row computes the
+    same scores; row 0 is stored), and the members' V tiles sit side by side as one [BLOCK_S, GROUP * BLOCK_D]
+    operand, so p @ V for every member is one dot; tiles reach the MMA through shared memory, which lets Triton
+    pipeline their loads (num_stages) with few registers per thread, where the CUDA-core path holds a whole
+    [GROUP, BLOCK_S, BLOCK_D] float32 tile in registers."""
     item = tl.program_id(0)
     split = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)  # 64-bit offsets: b * stride overflows int32 on large caches
@@ -69,100 +75,76 @@ def clustered_decode_kernel(
         kv_limit, BLOCK_H, BLOCK_C, GROUP, HAS_KIDX, HAS_VIDX, HAS_KVLEN)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
-    q = tl.load(Q + b * stride_qb + r * stride_qh + d, mask=d_ok, other=0.0).to(tl.float32) * scaling
-    m_i = tl.full([1], float("-inf"), tl.float32)
-    l_i = tl.zeros([1], tl.float32)
-    acc = tl.zeros([GROUP, BLOCK_D], tl.float32)
     lo, n_tiles = _tile_count(split, kv_len, active, BLOCK_S, TILES)
     k_base = K + b * stride_kb + kc * stride_kc
     v_base = V + b * stride_vb
-    # Compiled, the loop stops at the last tile holding a valid token (splits past kv_len and items past the
-    # last one run nothing). The interpreter cannot loop to a runtime bound (its scalars are 1-element arrays):
-    # there the loop runs TILES times and the tiles past n_tiles are fully masked.
-    for tile in range(n_tiles if DYNAMIC_LOOP else TILES):
-        s = lo + tile * BLOCK_S + tl.arange(0, BLOCK_S)
-        s_ok = (s < kv_len) & (tile < n_tiles)
-        tile_ok = s_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + s[:, None] * stride_ks + d[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-        score = tl.where(s_ok, tl.sum(k * q[None, :], axis=1), float("-inf"))  # [BLOCK_S]
-        m_new = tl.maximum(m_i, tl.max(score, axis=0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing valid yet: keep alpha and p at 0
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(score - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        # Every member's V tile at once, [GROUP, BLOCK_S, BLOCK_D]: absent members (rows past the cluster's
-        # size) are masked off and read nothing.
-        val = tl.load(v_base + vhead[:, None, None] * stride_vh + s[None, :, None] * stride_vs + d[None, None, :],
-                      mask=row_ok[:, None, None] & tile_ok[None, :, :], other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.sum(p[None, :, None] * val, axis=1)
-        m_i = m_new
-    out = (b * heads + head) * splits + split  # [GROUP]
-    tl.store(Acc + out[:, None] * BLOCK_D + d[None, :], acc, mask=row_ok[:, None])
-    tl.store(M + out, tl.zeros([GROUP], tl.float32) + m_i, mask=row_ok)
-    tl.store(L + out, tl.zeros([GROUP], tl.float32) + l_i, mask=row_ok)
-
-
-@triton.jit
-def clustered_decode_mma_kernel(
-    Q, K, V, Labels, Reps, KIdx, VIdx, KvLen, Acc, M, L,
-    stride_qb, stride_qh, stride_kb, stride_kc, stride_ks, stride_vb, stride_vh, stride_vs,
-    stride_kib, stride_vib, stride_kvl, heads, clusters, splits, v_group, kv_limit, scaling,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, TILES: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, GROUP: tl.constexpr, DYNAMIC_LOOP: tl.constexpr,
-    HAS_KIDX: tl.constexpr, HAS_VIDX: tl.constexpr, HAS_KVLEN: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """The same work as `clustered_decode_kernel` on tensor cores: the representative's query is repeated to the
-    16 rows an MMA needs (every row computes the same scores; row 0 is stored), and the members' V tiles sit side
-    by side as one [BLOCK_S, GROUP * BLOCK_D] operand, so p @ V for every member is one dot. Tiles reach the MMA
-    through shared memory, which lets Triton pipeline their loads (num_stages) with few registers per thread:
-    the CUDA-core kernel holds a whole [GROUP, BLOCK_S, BLOCK_D] float32 tile in registers instead."""
-    item = tl.program_id(0)
-    split = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    r, kc, head, vhead, row_ok, active, kv_len = _work_item(
-        Labels, Reps, KIdx, VIdx, KvLen, b, item, stride_kib, stride_vib, stride_kvl, heads, clusters, v_group,
-        kv_limit, BLOCK_H, BLOCK_C, GROUP, HAS_KIDX, HAS_VIDX, HAS_KVLEN)
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < HEAD_DIM
-    # Column j of the V operand: member j // BLOCK_D, dimension j % BLOCK_D.
-    gg = tl.arange(0, GROUP)
-    j = tl.arange(0, GROUP * BLOCK_D)
-    dj = j % BLOCK_D
-    of_member = gg[:, None] == (j // BLOCK_D)[None, :]  # [GROUP, GROUP * BLOCK_D]
-    col_head = tl.sum(tl.where(of_member, head[:, None], 0), axis=0)
-    col_member = tl.sum(tl.where(of_member, row_ok[:, None].to(tl.int32), 0), axis=0) > 0  # an existing member
-    q = tl.load(Q + b * stride_qb + r * stride_qh + d, mask=d_ok, other=0.0)
-    q_rows = tl.broadcast_to(q[None, :], (16, BLOCK_D))
-    m_i = tl.full([16], float("-inf"), tl.float32)
-    l_i = tl.zeros([16], tl.float32)
-    acc = tl.zeros([16, GROUP * BLOCK_D], tl.float32)
-    lo, n_tiles = _tile_count(split, kv_len, active, BLOCK_S, TILES)
-    k_base = K + b * stride_kb + kc * stride_kc
-    v_base = V + b * stride_vb
-    for tile in range(n_tiles if DYNAMIC_LOOP else TILES):  # see clustered_decode_kernel
-        s = lo + tile * BLOCK_S + tl.arange(0, BLOCK_S)
-        s_ok = (s < kv_len) & (tile < n_tiles)
-        k = tl.load(k_base + s[:, None] * stride_ks + d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-        score = tl.dot(q_rows, tl.trans(k), input_precision=PRECISION) * scaling  # [16, BLOCK_S], rows equal
-        score = tl.where(s_ok[None, :], score, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(score, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing valid yet: keep alpha and p at 0
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(score - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        # Loaded member by member ([GROUP, BLOCK_S, BLOCK_D], contiguous along D, so the loads vectorise), then
-        # laid side by side: [BLOCK_S, GROUP * BLOCK_D].
-        val = tl.load(v_base + vhead[:, None, None] * stride_vh + s[None, :, None] * stride_vs + d[None, None, :],
-                      mask=row_ok[:, None, None] & s_ok[None, :, None] & d_ok[None, None, :], other=0.0)
-        val = tl.reshape(tl.trans(val, (1, 0, 2)), (BLOCK_S, GROUP * BLOCK_D))
-        acc = acc * alpha[:, None] + tl.dot(p.to(val.dtype), val, input_precision=PRECISION)
-        m_i = m_new
-    first = tl.arange(0, 16)[:, None] == 0
-    out_col = (b * heads + col_head) * splits + split
-    tl.store(Acc + out_col * BLOCK_D + dj, tl.sum(tl.where(first, acc, 0.0), axis=0), mask=col_member)
-    out = (b * heads + head) * splits + split  # [GROUP]
-    tl.store(M + out, tl.zeros([GROUP], tl.float32) + tl.max(m_i, axis=0), mask=row_ok)
-    tl.store(L + out, tl.zeros([GROUP], tl.float32) + tl.max(l_i, axis=0), mask=row_ok)
+    if MMA:
+        # Column j of the V operand: member j // BLOCK_D, dimension j % BLOCK_D.
+        gg = tl.arange(0, GROUP)
+        j = tl.arange(0, GROUP * BLOCK_D)
+        dj = j % BLOCK_D
+        of_member = gg[:, None] == (j // BLOCK_D)[None, :]  # [GROUP, GROUP * BLOCK_D]
+        col_head = tl.sum(tl.where(of_member, head[:, None], 0), axis=0)
+        col_member = tl.sum(tl.where(of_member, row_ok[:, None].to(tl.int32), 0), axis=0) > 0  # a member exists
+        q = tl.load(Q + b * stride_qb + r * stride_qh + d, mask=d_ok, other=0.0)
+        q_rows = tl.broadcast_to(q[None, :], (16, BLOCK_D))
+        m_i = tl.full([16], float("-inf"), tl.float32)
+        l_i = tl.zeros([16], tl.float32)
+        acc = tl.zeros([16, GROUP * BLOCK_D], tl.float32)
+        for tile in range(n_tiles if DYNAMIC_LOOP else TILES):  # see the CUDA-core loop
+            s = lo + tile * BLOCK_S + tl.arange(0, BLOCK_S)
+            s_ok = (s < kv_len) & (tile < n_tiles)
+            k = tl.load(k_base + s[:, None] * stride_ks + d[None, :], mask=s_ok[:, None] & d_ok[None, :],
+                        other=0.0)
+            score = tl.dot(q_rows, tl.trans(k), input_precision=PRECISION) * scaling  # [16, BLOCK_S], rows equal
+            score = tl.where(s_ok[None, :], score, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(score, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing valid yet: keep alpha and p at 0
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(score - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            # Loaded member by member ([GROUP, BLOCK_S, BLOCK_D], contiguous along D, so the loads vectorise), then
+            # laid side by side: [BLOCK_S, GROUP * BLOCK_D].
+            v_ptr = v_base + vhead[:, None, None] * stride_vh + s[None, :, None] * stride_vs + d[None, None, :]
+            val = tl.load(v_ptr, mask=row_ok[:, None, None] & s_ok[None, :, None] & d_ok[None, None, :], other=0.0)
+            val = tl.reshape(tl.trans(val, (1, 0, 2)), (BLOCK_S, GROUP * BLOCK_D))
+            acc = acc * alpha[:, None] + tl.dot(p.to(val.dtype), val, input_precision=PRECISION)
+            m_i = m_new
+        first = tl.arange(0, 16)[:, None] == 0
+        out_col = (b * heads + col_head) * splits + split
+        tl.store(Acc + out_col * BLOCK_D + dj, tl.sum(tl.where(first, acc, 0.0), axis=0), mask=col_member)
+        out = (b * heads + head) * splits + split  # [GROUP]
+        tl.store(M + out, tl.zeros([GROUP], tl.float32) + tl.max(m_i, axis=0), mask=row_ok)
+        tl.store(L + out, tl.zeros([GROUP], tl.float32) + tl.max(l_i, axis=0), mask=row_ok)
+    else:
+        q = tl.load(Q + b * stride_qb + r * stride_qh + d, mask=d_ok, other=0.0).to(tl.float32) * scaling
+        m_i = tl.full([1], float("-inf"), tl.float32)
+        l_i = tl.zeros([1], tl.float32)
+        acc = tl.zeros([GROUP, BLOCK_D], tl.float32)
+        # Compiled, the loop stops at the last tile holding a valid token (splits past kv_len and items past the
+        # last one run nothing). The interpreter cannot loop to a runtime bound (its scalars are 1-element arrays):
+        # there the loop runs TILES times and the tiles past n_tiles are fully masked.
+        for tile in range(n_tiles if DYNAMIC_LOOP else TILES):
+            s = lo + tile * BLOCK_S + tl.arange(0, BLOCK_S)
+            s_ok = (s < kv_len) & (tile < n_tiles)
+            tile_ok = s_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_base + s[:, None] * stride_ks + d[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+            score = tl.where(s_ok, tl.sum(k * q[None, :], axis=1), float("-inf"))  # [BLOCK_S]
+            m_new = tl.maximum(m_i, tl.max(score, axis=0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing valid yet: keep alpha and p at 0
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(score - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            # Every member's V tile at once, [GROUP, BLOCK_S, BLOCK_D]: absent members (rows past the cluster's
+            # size) are masked off and read nothing.
+            v_ptr = v_base + vhead[:, None, None] * stride_vh + s[None, :, None] * stride_vs + d[None, None, :]
+            val = tl.load(v_ptr, mask=row_ok[:, None, None] & tile_ok[None, :, :], other=0.0).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.sum(p[None, :, None] * val, axis=1)
+            m_i = m_new
+        out = (b * heads + head) * splits + split  # [GROUP]
+        tl.store(Acc + out[:, None] * BLOCK_D + d[None, :], acc, mask=row_ok[:, None])
+        tl.store(M + out, tl.zeros([GROUP], tl.float32) + m_i, mask=row_ok)
+        tl.store(L + out, tl.zeros([GROUP], tl.float32) + l_i, mask=row_ok)
 
 
 @triton.jit

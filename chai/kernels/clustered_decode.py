@@ -70,12 +70,12 @@ def clustered_attention_reference(q, k_rep, v, labels, reps, scaling, mask=None,
 
 
 @functools.cache
-def _kernel(mma: bool):
+def _kernel():
     """The Triton kernel, imported on first use: importing this module never imports triton (the interpreter
     must be switched on before triton's first import, and CPU-only installs have no triton)."""
-    from chai.kernels import _clustered_decode_triton as kernels
+    from chai.kernels._clustered_decode_triton import clustered_decode_kernel
 
-    return kernels.clustered_decode_mma_kernel if mma else kernels.clustered_decode_kernel
+    return clustered_decode_kernel
 
 
 @functools.cache
@@ -189,8 +189,7 @@ only). Returns [B, H, 1, D] (or
     acc = torch.empty(batch, heads, splits, block_d, dtype=torch.float32, device=q.device)
     m = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
     lse = torch.empty_like(m)
-    extra = {"PRECISION": "ieee" if v.dtype == torch.float32 else "tf32"} if config.mma else {}
-    _kernel(config.mma)[(items, splits, batch)](
+    _kernel()[(items, splits, batch)](
         q3, k_rep, v, labels.contiguous(), reps.contiguous(), k_idx, v_idx, kv_t, acc, m, lse,
         q3.stride(0), q3.stride(1), k_rep.stride(0), k_rep.stride(1), k_rep.stride(2),
         v.stride(0), v.stride(1), v.stride(2), stride_kib, stride_vib, stride_kvl,
@@ -199,7 +198,8 @@ only). Returns [B, H, 1, D] (or
         BLOCK_H=_pow2(heads), BLOCK_C=_pow2(clusters), GROUP=config.group,
         DYNAMIC_LOOP=q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1",
         HAS_KIDX=k_index is not None, HAS_VIDX=v_index is not None, HAS_KVLEN=isinstance(kv_len, torch.Tensor),
-        num_warps=config.num_warps, num_stages=config.num_stages, **extra,
+        MMA=config.mma, PRECISION="ieee" if v.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     out = torch.empty(batch, heads, dim, dtype=v.dtype, device=q.device)
     _merge_kernel()[(batch * heads,)](
