@@ -37,6 +37,9 @@ run_stage() {
     clusters_chai)  run experiment=sweep_clusters task=piqa method=chai method.num_clusters=1,2,3,4,5,6,7,8,9 ;;
     clusters_fixed) run experiment=sweep_clusters task=piqa method=chai_static,random_groups \
                       method.num_clusters=1,2,3,4,5,6,7,8,9 ;;
+    first_layer)      run experiment=sweep_first_layer ;;
+    first_layer_piqa) run experiment=sweep_first_layer task=piqa ;;  # the two halves of first_layer
+    first_layer_arc)  run experiment=sweep_first_layer task=arc_easy ;;
     *) echo "unknown stage $stage" ;;
   esac
 }
