@@ -66,7 +66,8 @@ def accuracy_vs_compute(frame: pd.DataFrame, out: Path, metric: str = "acc") -> 
             skipped.append(f"fig01 {model} ({limit}): no CHAI/static/random records with a known compute share "
                            "(run `python run.py experiment=sweep_clusters`)")
             continue
-        tasks = ordered_tasks(pd.concat([s[2] for s in series])["task"].unique())
+        swept = pd.concat([s[2] for s in series]).groupby("task")["x"].nunique()
+        tasks = ordered_tasks(swept[swept >= 2].index)  # a task with only the default cell is no sweep
         fig = _sweep_figure(part, tasks, series, "attention-score compute (share of MHA)",
                             f"Accuracy against attention compute: {model}, {limit}", metric)
         written += save(fig, out, _stem("fig01_accuracy_vs_compute", model, limit))
@@ -89,7 +90,8 @@ def _setting_sweep(frame, out, method_list, key, name, x_label, title, logx, met
             skipped.append(f"{name} {model} ({limit}): fewer than two values of method.{key} recorded "
                            f"(run `python run.py experiment={name}`)")
             continue
-        tasks = ordered_tasks(pd.concat([s[2] for s in series])["task"].unique())
+        swept = pd.concat([s[2] for s in series]).groupby("task")["x"].nunique()
+        tasks = ordered_tasks(swept[swept >= 2].index)  # a task with only the default cell is no sweep
         fig = _sweep_figure(part, tasks, series, x_label, f"{title}: {model}, {limit}", metric, logx)
         written += save(fig, out, _stem(name, model, limit))
     return written, skipped
