@@ -160,9 +160,8 @@ def clustered_decode_attention(q, k_rep, v, labels, reps, scaling: float, kv_len
     """Decode attention with clustered heads. q [B, H, 1, D] (or [B, H, D]); k_rep [B, C, S, D]: K of each
     cluster's representative (or any kept-K layout, read through k_index [B, C]); v [B, H, S, D] (GQA: [B, Hv, S, D],
     read through v_index [B, H]); labels [B, H] int: cluster of each head; reps [B, C] int: the query head scoring
-    each cluster; kv_len: valid cache length ([] or [B] tensor, or int; None = S); config: launch settings (Triton
-only). Returns [B, H, 1, D] (or
-    [B, H, D]) in v's dtype."""
+    each cluster; kv_len: valid cache length ([] or [B] tensor, or int; None = S); config: the kernel's launch
+    settings. Returns [B, H, 1, D] (or [B, H, D]) in v's dtype."""
     squeeze = q.dim() == 3
     q4 = q[:, :, None] if squeeze else q
     if not _use_triton(q4):

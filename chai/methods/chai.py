@@ -20,9 +20,8 @@ takes it. No announcement (a plain DynamicCache, use_cache=False) means K and V 
 membership lives only for the current forward.
 """
 
-import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 import torch
@@ -193,8 +192,8 @@ class Chai(Method):
         require(self.first_clustered_layer < shape.layers,
                 f"method.first_clustered_layer={self.first_clustered_layer} but the model has {shape.layers} layers.")
         self._shape = shape
-        dense = lambda layer, c: layer < self.first_clustered_layer or (self.full_layers_dense and c == shape.heads)
-        self._counts = [None if dense(layer, c) else c for layer, c in enumerate(counts)]
+        self._counts = [None if layer < self.first_clustered_layer or (self.full_layers_dense and c == shape.heads)
+                        else c for layer, c in enumerate(counts)]
         self._fixed = self._fixed_memberships(shape) if self.membership != "online" else None
         self._config_id = id(config)
 
@@ -367,7 +366,7 @@ class Chai(Method):
                 str(layer): m.groups(0) for layer, m in sorted((self._fixed or self._last).items())
             },
             "kept_kv_heads": {str(layer): m.kept_kv()[0] for layer, m in sorted((self._fixed or self._last).items())},
-            "decode_kernel": dataclasses.asdict(kd.DEFAULT),  # launch settings of the fused decode (CUDA)
+            "decode_kernel": asdict(kd.DEFAULT),  # launch settings of the fused decode (CUDA)
         }
 
 
