@@ -66,50 +66,5 @@ if [[ "${BASELINES_ONLY_CHAI:-0}" != 1 ]]; then  # 1: CHAI and the MHA baselines
 fi
 
 mkdir -p "$RESULTS/bench" && touch "$RESULTS/bench/runs.jsonl"
-"$PY" - "$RESULTS/bench/runs.jsonl" > "$OUT/bench_table.md" <<'EOF'
-"""Key ratios of the latest record of every cell, one markdown table per (model, GPU) (no torch: records only)."""
-import json
-import sys
-
-SETTING = {"chai": "layer_clusters", "dejavu_static": "sparsity", "sparq": "compression"}
-latest, devices = {}, {}
-for line in open(sys.argv[1]):
-    try:
-        r = json.loads(line)
-    except json.JSONDecodeError:
-        continue
-    if r.get("kind") != "bench_cell":
-        continue
-    b, method, where = r["bench"], r["method"], (r["model"], r["device"]["name"])
-    label = f"{method} {r['config']['method'][SETTING[method]]}" if method in SETTING else method
-    latest[(where, b["batch"], b["seq_len"], label, b["path"])] = (label, b, r.get("error"))
-    devices[where] = (f"copy bandwidth {b['bandwidth']['bandwidth_GBps']:.0f} GB/s; new_tokens={b['new_tokens']}, "
-                      f"dtype={b['dtype']}. Speedups: baseline time / this time.")
-
-
-def f(x, fmt=".2f"):
-    return "-" if x is None else format(x, fmt)
-
-
-if not latest:
-    print("No bench cells recorded.")
-for where, note in sorted(devices.items()):
-    print(f"### {where[0]} on {where[1]}\n\n{note}\n")
-    print("| batch | seq | method | path | TTFT ms | TTFT no-cluster ms | TTFT x sdpa | TTNT ms | x eager | x sdpa "
-          "| x static | roofline ms | of roofline | K,V of bytes | predicted x | of predicted | K,V MB | K,V saved |")
-    print("|" + "---|" * 18)
-    for (_, batch, seq, _, _), (label, b, error) in sorted((k, v) for k, v in latest.items() if k[0] == where):
-        if error:
-            print(f"| {batch} | {seq} | {label} | {b['path']} | {'OOM' if b.get('oom') else 'failed'} |" + " |" * 13)
-            continue
-        s, roof, kv = b["speedup_vs"], b["roofline"], b["kv_bytes"]
-        saved = kv["saved_analytic"] / kv["dense_analytic"] if kv["dense_analytic"] else None
-        print(f"| {batch} | {seq} | {label} | {b['path']} | {f(b['ttft_ms']['median'], '.1f')} "
-              f"| {f(b['ttft_no_cluster_ms']['median'], '.1f')} | {f(b['ttft_speedup_vs']['mha_sdpa'])} "
-              f"| {f(b['ttnt_ms']['median'])} | {f(s['mha_eager'])} | {f(s['mha_sdpa'])} "
-              f"| {f(s['mha_static_compiled'])} | {f(roof['time_ms'])} | {f(roof['fraction_of_roofline'])} "
-              f"| {f(roof['kv_fraction_of_bytes'])} | {f(b['roofline_predicted_speedup_vs_mha'])} "
-              f"| {f(b['fraction_of_predicted_speedup'])} | {kv['analytic'] / 1e6:.1f} | {f(saved, '.1%')} |")
-    print()
-EOF
+"$PY" -m chai.report.bench_table "$RESULTS/bench/runs.jsonl" > "$OUT/bench_table.md"
 echo "table: $OUT/bench_table.md"; head -5 "$OUT/bench_table.md"

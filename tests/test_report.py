@@ -267,3 +267,9 @@ def test_a_long_title_fits_a_one_panel_figure():
     box = fig._suptitle.get_window_extent(fig.canvas.get_renderer())
     plt.close(fig)
     assert "\n" in fig._suptitle.get_text() and box.x0 >= 0 and box.x1 <= fig.bbox.width
+
+
+def test_bench_table_has_one_block_per_model_and_gpu(report, results):
+    text = (results / "bench" / "bench_table.md").read_text()
+    assert text.count("### llama7b on H100") == 1
+    assert "| 4 | 1024 |" in text and "| OOM |" in text  # the out-of-memory cell is shown as such

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from chai.report import figures_accuracy, figures_analysis, figures_bench
+from chai.report.bench_table import write_bench_table
 from chai.report.loading import (bench_frame, eval_frame, latest, load_calibrations, load_records,
                                  membership_frame)
 from chai.report.tables import write_long_form, write_tables
@@ -32,6 +33,7 @@ def build(results: Path, figures_dir: Path | None = None, tables_dir: Path | Non
         lambda: figures_analysis.membership_figure(membership, figures_dir),
         lambda: figures_bench.latency_figures(bench, figures_dir),
         lambda: figures_bench.memory_figures(bench, figures_dir),
+        lambda: write_bench_table(results),
     ]
     for step in steps:
         done, why = step()

@@ -1,0 +1,79 @@
+"""The bench's key ratios as Markdown, one table per (model, GPU): the latest record of every cell of a bench
+runs.jsonl. Written by `make figures` beside the records, and by scripts/gpu_bench.sh on the GPU machine:
+
+    python -m chai.report.bench_table results/bench/runs.jsonl > results/bench/bench_table.md
+"""
+
+import json
+import sys
+from pathlib import Path
+
+SETTING = {"chai": "layer_clusters", "dejavu_static": "sparsity", "sparq": "compression"}
+HEADER = ("| batch | seq | method | path | TTFT ms | TTFT no-cluster ms | TTFT x sdpa | TTNT ms | x eager | x sdpa "
+          "| x static | roofline ms | of roofline | K,V of bytes | predicted x | of predicted | K,V MB | K,V saved |")
+
+
+def _f(x, fmt=".2f"):
+    return "-" if x is None else format(x, fmt)
+
+
+def _latest_cells(path: Path) -> tuple[dict, dict]:
+    """{(model, gpu, batch, seq, label, path): (label, bench, error)} and {(model, gpu): note}."""
+    latest, notes = {}, {}
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:  # a torn last line of an interrupted run
+            continue
+        if r.get("kind") != "bench_cell":
+            continue
+        b, method, where = r["bench"], r["method"], (r["model"], r["device"]["name"])
+        label = f"{method} {r['config']['method'][SETTING[method]]}" if method in SETTING else method
+        latest[(*where, b["batch"], b["seq_len"], label, b["path"])] = (label, b, r.get("error"))
+        bandwidth = (b.get("bandwidth") or {}).get("bandwidth_GBps")
+        notes[where] = (f"copy bandwidth {_f(bandwidth, '.0f')} GB/s; new_tokens={b['new_tokens']}, "
+                        f"dtype={b['dtype']}. Speedups: baseline time / this time.")
+    return latest, notes
+
+
+def _row(batch, seq, label, b, error) -> str:
+    if error:
+        return f"| {batch} | {seq} | {label} | {b['path']} | {'OOM' if b.get('oom') else 'failed'} |" + " |" * 13
+    # .get: cells recorded before a field existed (or without their baselines) show "-" there
+    s, roof, kv = b.get("speedup_vs") or {}, b.get("roofline") or {}, b["kv_bytes"]
+    ttft_x = (b.get("ttft_speedup_vs") or {}).get("mha_sdpa")
+    saved = kv["saved_analytic"] / kv["dense_analytic"] if kv.get("dense_analytic") else None
+    return (f"| {batch} | {seq} | {label} | {b['path']} | {_f(b['ttft_ms']['median'], '.1f')} "
+            f"| {_f(b['ttft_no_cluster_ms']['median'], '.1f')} | {_f(ttft_x)} "
+            f"| {_f(b['ttnt_ms']['median'])} | {_f(s.get('mha_eager'))} | {_f(s.get('mha_sdpa'))} "
+            f"| {_f(s.get('mha_static_compiled'))} | {_f(roof.get('time_ms'))} "
+            f"| {_f(roof.get('fraction_of_roofline'))} | {_f(roof.get('kv_fraction_of_bytes'))} "
+            f"| {_f(b.get('roofline_predicted_speedup_vs_mha'))} | {_f(b.get('fraction_of_predicted_speedup'))} "
+            f"| {kv['analytic'] / 1e6:.1f} | {_f(saved, '.1%')} |")
+
+
+def render(path: Path) -> str:
+    latest, notes = _latest_cells(Path(path))
+    if not latest:
+        return "No bench cells recorded.\n"
+    out = []
+    for where, note in sorted(notes.items()):
+        out += [f"### {where[0]} on {where[1]}", "", note, "", HEADER, "|" + "---|" * 18]
+        out += [_row(batch, seq, *cell) for (*w, batch, seq, _, _), cell in sorted(latest.items())
+                if tuple(w) == where]
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+def write_bench_table(results: Path) -> tuple[list, list]:
+    """results/bench/runs.jsonl -> results/bench/bench_table.md (a build step: (written, skipped))."""
+    records = Path(results) / "bench" / "runs.jsonl"
+    if not records.exists():
+        return [], ["bench_table: no bench records (run `bash scripts/gpu_bench.sh` on a GPU)"]
+    target = records.with_name("bench_table.md")
+    target.write_text(render(records))
+    return [target], []
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render(Path(sys.argv[1])))
