@@ -28,7 +28,9 @@ def run_mode(cfg, overrides: list[str], in_sweep: bool = False) -> dict | None:
     as a record with `error` so a sweep goes on; alone, a bad-input error ends the run with its one line."""
     config = OmegaConf.to_container(cfg, resolve=True)
     path = runs_path(cfg)
-    if cfg.resume and already_recorded(path, run_key(config)):
+    # A bench run always runs: its cells resume one by one, keyed by what a run's key cannot see (device, the
+    # static step as resolved, kernel launch settings).
+    if cfg.resume and cfg.mode != "bench" and already_recorded(path, run_key(config)):
         print(f"skip: {cfg.method.name}/{cfg.model.name}/{cfg.task.name} already recorded in {path}")
         return None
     record = new_record(config, overrides, cfg.mode)

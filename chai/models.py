@@ -164,6 +164,39 @@ def _random_model(config, dtype: torch.dtype, device: torch.device, seed: int):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
+def _module_device(name: str, device_map: dict):
+    """The device a device map gives parameter `name`: the entry of its longest module prefix ("" = the root)."""
+    owners = [k for k in device_map if k == "" or name == k or name.startswith(k + ".")]
+    return device_map[max(owners, key=len)]
+
+
+def _spread_random_model(config, dtype: torch.dtype, seed: int, device_map: dict | None = None):
+    """Random weights over every visible GPU, for a model larger than one (OPT-66B on two): parameters created on
+    no device, the map balanced as from_pretrained's device_map="auto" balances it (tied weights together), each
+    parameter materialised on its GPU and initialised there by the model's own initialiser, then accelerate's
+    hooks move activations from GPU to GPU (the layers run one GPU after the other, as a pipeline of one)."""
+    from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
+    from accelerate.utils import get_balanced_memory, set_module_tensor_to_device
+
+    with init_empty_weights():  # parameters on "meta", buffers (rotary frequencies) real
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # not tied yet on "meta": tied, the map keeps the output head with the input embedding
+    if device_map is None:
+        no_split = model._no_split_modules
+        memory = get_balanced_memory(model, dtype=dtype, no_split_module_classes=no_split)
+        device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split, dtype=dtype)
+    torch.manual_seed(seed)
+    for name, param in list(model.named_parameters()):
+        device = _module_device(name, device_map)
+        set_module_tensor_to_device(model, name, device, value=torch.empty(param.shape, dtype=dtype, device=device))
+    model.tie_weights()  # the head again points at the materialised embedding
+    left = [name for name, param in model.named_parameters() if param.is_meta]
+    if left:
+        raise ChaiError(f"random spread init left {len(left)} parameters unmaterialised, e.g. {left[0]}.")
+    model.apply(model._init_weights)
+    return dispatch_model(model, device_map=device_map)
+
+
 def _pretrained_model(cfg, dtype: torch.dtype, device: torch.device):
     if cfg.source == "gguf_package":
         return AutoModelForCausalLM.from_pretrained(_gguf_snapshot(cfg), dtype=dtype).to(device)
@@ -181,7 +214,10 @@ def load_model(cfg, device: str = "auto", seed: int = 0):
         raise ChaiError(f"model.init must be 'pretrained' or 'random', got '{cfg.init}'.")
     torch_device = resolve_device(device)
     dtype = resolve_dtype(cfg.dtype, torch_device)
-    if cfg.init == "random" or cfg.source == "config":
+    spread = cfg.get("device_map") and torch_device.type == "cuda" and torch.cuda.device_count() > 1
+    if (cfg.init == "random" or cfg.source == "config") and spread:
+        model = _spread_random_model(architecture(cfg), dtype, seed)
+    elif cfg.init == "random" or cfg.source == "config":
         model = _random_model(architecture(cfg), dtype, torch_device, seed)
     else:
         model = _pretrained_model(cfg, dtype, torch_device)

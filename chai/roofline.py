@@ -32,9 +32,14 @@ def percentiles(samples_ms: list[float]) -> dict:
     return {"median": statistics.median(ordered), "p10": at(0.1), "p90": at(0.9), "n": len(ordered)}
 
 
+def cuda_devices(device: torch.device) -> range:
+    """The GPUs a run may use: every visible one (a model spread by a device map runs on all of them)."""
+    return range(torch.cuda.device_count()) if device.type == "cuda" else range(0)
+
+
 def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    for index in cuda_devices(device):
+        torch.cuda.synchronize(index)
 
 
 class Clock:
@@ -130,30 +135,28 @@ def roofline(bandwidth_gbps: float, weight_bytes: int, kv_read: dict, batch: int
 
 
 class Allocator:
-    """CUDA caching-allocator readings relative to a baseline taken at `start()`; every reading is None on the
-    CPU, where there is no allocator to ask."""
+    """CUDA caching-allocator readings relative to a baseline taken at `start()`, summed over the visible GPUs (the
+    peak: the sum of each GPU's own peak); every reading is None on the CPU, where there is no allocator to ask."""
 
     def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+        self.device, self.cuda = device, device.type == "cuda"
         self.base = 0
+
+    def _sum(self, reading) -> int:
+        synchronize(self.device)
+        return sum(reading(index) for index in cuda_devices(self.device))
 
     def start(self) -> None:
         if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
+            for index in cuda_devices(self.device):
+                torch.cuda.reset_peak_memory_stats(index)
+            self.base = self._sum(torch.cuda.memory_allocated)
 
     def delta(self) -> int | None:
-        if not self.cuda:
-            return None
-        torch.cuda.synchronize()
-        return torch.cuda.memory_allocated() - self.base
+        return self._sum(torch.cuda.memory_allocated) - self.base if self.cuda else None
 
     def peak(self) -> int | None:
-        if not self.cuda:
-            return None
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - self.base
+        return self._sum(torch.cuda.max_memory_allocated) - self.base if self.cuda else None
 
 
 def kv_cache_bytes(method, model, batch: int, tokens: int, measured: dict | None) -> dict:

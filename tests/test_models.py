@@ -21,6 +21,27 @@ def test_random_init_is_reproducible():
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+@pytest.mark.parametrize("name,layers", [("tiny_opt", "model.decoder.layers"), ("tiny_llama", "model.layers")])
+def test_spread_random_init_follows_its_device_map(name, layers):
+    """The multi-GPU random build (OPT-66B over two GPUs), on the CPU: every parameter materialised where the map
+    says, the output head still tied to the embedding, the model's own initialiser (norms at one), a finite
+    forward. `_module_device` takes the longest matching prefix."""
+    from chai.models import _module_device, _spread_random_model, architecture
+
+    config = architecture(compose_model(name))
+    device_map = {"": "cpu", layers: "cpu", f"{layers}.1": "cpu"}
+    assert _module_device(f"{layers}.1.mlp.weight", device_map) == "cpu"
+    assert _module_device(f"{layers}.12.x", {"": 0, layers: 1, f"{layers}.1": 2}) == 1
+    model = _spread_random_model(config, torch.float32, seed=0, device_map=device_map)
+    assert not any(p.is_meta for p in model.parameters())
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert tied == config.tie_word_embeddings
+    norms = [p for n, p in model.named_parameters() if "norm" in n and n.endswith("weight")]
+    assert norms and all(torch.equal(p, torch.ones_like(p)) for p in norms)
+    with torch.no_grad():
+        assert torch.isfinite(model(random_ids(2, 6, config.vocab_size)).logits).all()
+
+
 def test_paper_shapes_come_from_the_config_without_download():
     from chai.models import architecture
 

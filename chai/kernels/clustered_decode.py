@@ -11,18 +11,18 @@ reps = arange(H)) it is plain multi-head decode attention.
 the CPU (how the tests check it); elsewhere it falls back to `clustered_attention_reference`, the pure-PyTorch
 definition, which also handles any number of query tokens and a boolean mask (prefill).
 
-Kernel layout: one program per (work item, split of the context, batch row), where a work item is a chunk of up
-to GROUP member heads of one cluster (cluster c of n_c heads has ceil(n_c / GROUP) of them; the kernel finds its
-cluster and member heads from the labels row, and the grid holds a static upper bound on the items, so extra
-programs exit at once). Each program streams its cluster's K tiles once, computes the representative's scores
-with an online softmax and accumulates p @ V for each of its member heads, so a step reads each representative's
-K ceil(n_c / GROUP) times (not once per head) and each head's V once. Only the filled prefix of a static cache is
-read: the split count follows the buffer length, and splits past `kv_len` run no tile. A second small kernel
-merges the splits (log-sum-exp). Nothing synchronises with the host and every shape is fixed by the cache
-tensors, so the call can be captured in a CUDA graph; `kv_len` (a device tensor) says how much of a static
-cache is filled.
+Kernel layout (two streaming passes, then a merge): pass 1, one program per (cluster, split of the context, batch
+row), reads the cluster's K once and writes its representative's scores, float32, one per key; pass 2, one program
+per (head, split, batch row), reads its cluster's scores and its own V once and leaves the split's softmax
+statistics and p @ V; a third small kernel merges the splits (log-sum-exp). A step thus reads each kept K head and
+each V head once, plus 4 bytes of scores per key and head. Only the filled prefix of a static cache is read: the
+split count follows the buffer length, and splits past `kv_len` run no tile. Nothing synchronises with the host and
+every shape is fixed by the cache tensors, so the call can be captured in a CUDA graph; `kv_len` (a device tensor)
+says how much of a static cache is filled. Under torch.compile the launch is one opaque custom op
+(`chai::clustered_decode`), so a compiled decode step calls the kernels as they are.
 """
 
+import contextlib
 import dataclasses
 import functools
 import importlib.util
@@ -70,19 +70,12 @@ def clustered_attention_reference(q, k_rep, v, labels, reps, scaling, mask=None,
 
 
 @functools.cache
-def _kernel():
-    """The Triton kernel, imported on first use: importing this module never imports triton (the interpreter
+def _kernel(name: str):
+    """A Triton kernel, imported on first use: importing this module never imports triton (the interpreter
     must be switched on before triton's first import, and CPU-only installs have no triton)."""
-    from chai.kernels._clustered_decode_triton import clustered_decode_kernel
+    from chai.kernels import _clustered_decode_triton
 
-    return clustered_decode_kernel
-
-
-@functools.cache
-def _merge_kernel():
-    from chai.kernels._clustered_decode_triton import merge_splits_kernel
-
-    return merge_splits_kernel
+    return getattr(_clustered_decode_triton, name)
 
 
 def _use_triton(q: torch.Tensor) -> bool:
@@ -91,22 +84,18 @@ def _use_triton(q: torch.Tensor) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-    """Launch settings of the decode kernel. block_s None: 4096 / head_dim keys per tile (32 at D = 128), 16..64.
-    `mma`: the tensor-core kernel (tiles through shared memory, pipelined) or the CUDA-core one;
-    `group`: member heads per program (a cluster of n heads reads its K ceil(n / group) times, each V once);
-    `target_programs`, `min_tiles`: see `split_plan`. The defaults are the fastest of `scripts/gpu_kernel_tune.py`
-    on an H100 (LLaMA-7B layer shapes)."""
+    """Launch settings of the decode kernels: `block_s` keys per tile (None: 16384 / head_dim, 16..128), warps and
+    pipeline stages of both passes, `target_programs` and `min_tiles` (see `split_plan`). The defaults are the
+    fastest of `scripts/gpu_kernel_tune.py` on an H100 (LLaMA-7B layer shapes)."""
 
-    mma: bool = True
-    group: int = 2
-    block_s: int | None = 64
+    block_s: int | None = 128
     num_warps: int = 4
     num_stages: int = 2
-    target_programs: int = 2048
-    min_tiles: int = 1
+    target_programs: int = 16384
+    min_tiles: int = 4
 
     def tile(self, block_d: int) -> int:
-        return self.block_s or max(16, min(64, 4096 // block_d))
+        return self.block_s or max(16, min(128, 16384 // block_d))
 
 
 def _from_env() -> KernelConfig:
@@ -117,18 +106,10 @@ def _from_env() -> KernelConfig:
 
 
 DEFAULT = _from_env()
-GROUP = DEFAULT.group
 
 
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
-
-
-def work_items(heads: int, clusters: int, group: int = GROUP) -> int:
-    """Static bound on the programs per (batch row, split): cluster c of n_c >= 1 heads needs ceil(n_c / group)
-    of them, at most k + (H - k) // group over k non-empty clusters, largest at k = min(C, H)."""
-    k = min(clusters, heads)
-    return k + (heads - k) // group
 
 
 def _index_rows(index, labels):
@@ -143,8 +124,8 @@ def _index_rows(index, labels):
 
 def split_plan(batch: int, heads: int, length: int, block: int, target_programs: int = 8192, min_tiles: int = 2,
                max_splits: int = 64) -> tuple[int, int]:
-    """(splits, tiles per split): at most about `target_programs` programs (batch * heads * splits; `heads` = work
-    items per batch row), many waves of short programs so that the GPU's last wave is nearly full; at least
+    """(splits, tiles per split): at most about `target_programs` programs (batch * heads * splits; `heads`: programs
+    per batch row and split), many waves of short programs so that the GPU's last wave is nearly full; at least
     `min_tiles` tiles per split so that the per-split partial results stay small next to the K/V a split reads,
     and at most `max_splits` splits (the merge kernel holds them all at once). The split length is the tile
     times a power of two, so a growing dynamic cache compiles only log2-many variants."""
@@ -160,7 +141,7 @@ def clustered_decode_attention(q, k_rep, v, labels, reps, scaling: float, kv_len
     """Decode attention with clustered heads. q [B, H, 1, D] (or [B, H, D]); k_rep [B, C, S, D]: K of each
     cluster's representative (or any kept-K layout, read through k_index [B, C]); v [B, H, S, D] (GQA: [B, Hv, S, D],
     read through v_index [B, H]); labels [B, H] int: cluster of each head; reps [B, C] int: the query head scoring
-    each cluster; kv_len: valid cache length ([] or [B] tensor, or int; None = S); config: the kernel's launch
+    each cluster; kv_len: valid cache length ([] or [B] tensor, or int; None = S); config: the kernels' launch
     settings. Returns [B, H, 1, D] (or [B, H, D]) in v's dtype."""
     squeeze = q.dim() == 3
     q4 = q[:, :, None] if squeeze else q
@@ -168,41 +149,77 @@ def clustered_decode_attention(q, k_rep, v, labels, reps, scaling: float, kv_len
         out = clustered_attention_reference(q4, k_rep, v, labels, reps, scaling, kv_len=kv_len, k_index=k_index,
                                             v_index=v_index)
         return out[:, :, 0] if squeeze else out
-    batch, heads, _, dim = q4.shape
+    length = k_rep.shape[2]
+    if isinstance(kv_len, torch.Tensor):
+        kv_t, kv_limit = kv_len.reshape(-1), length
+    else:  # a constant length is a kernel argument, not a tensor
+        kv_t, kv_limit = None, min(length, length if kv_len is None else int(kv_len))
+    # Compiled: the custom op, opaque to the tracer. Eager: its function directly (the dispatcher's per-call cost
+    # is host time that an eager decode step, launch-bound, pays in full).
+    launch = torch.ops.chai.clustered_decode if torch.compiler.is_compiling() else _launch
+    out = launch(q4[:, :, 0], k_rep, v, labels, reps, float(scaling), kv_t, kv_limit, k_index, v_index,
+                 config.block_s or 0, config.num_warps, config.num_stages, config.target_programs, config.min_tiles)
+    return out if squeeze else out[:, :, None]
+
+
+def _launch(q: torch.Tensor, k_rep: torch.Tensor, v: torch.Tensor, labels: torch.Tensor,
+            reps: torch.Tensor, scaling: float, kv_len: torch.Tensor | None, kv_limit: int,
+            k_index: torch.Tensor | None, v_index: torch.Tensor | None, block_s: int, num_warps: int,
+            num_stages: int, target_programs: int, min_tiles: int) -> torch.Tensor:
+    """The launches of `clustered_decode_attention` (q [B, H, D] -> [B, H, D]); config fields as plain arguments
+    (block_s 0 = None), so the op has a schema torch.compile can call."""
+    config = KernelConfig(block_s or None, num_warps, num_stages, target_programs, min_tiles)
+    # Triton launches on the current GPU: make it the tensors' one (a model spread over GPUs).
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        return _launch_on_device(q, k_rep, v, labels, reps, scaling, kv_len, kv_limit, k_index, v_index, config)
+
+
+def _launch_on_device(q, k_rep, v, labels, reps, scaling, kv_len, kv_limit, k_index, v_index, config):
+    batch, heads, dim = q.shape
     clusters, length = reps.shape[1], k_rep.shape[2]
-    q3 = q4[:, :, 0]
-    q3, k_rep, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q3, k_rep, v))
-    # Absent indices and lengths become kernel constants rather than tensors (fewer launches per decode step).
+    q, k_rep, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_rep, v))
+    labels, reps = labels.contiguous(), reps.contiguous()
+    # Absent indices and lengths become kernel constants rather than tensors (no index tensors to build per step).
     k_idx, stride_kib = _index_rows(k_index, labels)
     v_idx, stride_vib = _index_rows(v_index, labels)
-    if isinstance(kv_len, torch.Tensor):
-        kv_t = kv_len.reshape(-1).to(q.device)  # no copy when already on the device
+    kv_t, stride_kvl = labels, 0  # no length tensor: a placeholder the kernels never read
+    if kv_len is not None:
+        kv_t = kv_len.to(q.device)  # no copy when already on the device
         kv_t = kv_t.long() if kv_t.is_floating_point() else kv_t
-        kv_limit, stride_kvl = length, (0 if kv_t.numel() == 1 else kv_t.stride(0))
-    else:
-        kv_t, kv_limit, stride_kvl = labels, min(length, length if kv_len is None else int(kv_len)), 0
-    block_d = max(16 if config.mma else 1, 1 << (dim - 1).bit_length())  # a power of 2; an MMA's K is >= 16
+        stride_kvl = 0 if kv_t.numel() == 1 else kv_t.stride(0)
+    block_d = 1 << (dim - 1).bit_length()
     block_s = config.tile(block_d)
-    items = work_items(heads, clusters, config.group)
-    splits, tiles = split_plan(batch, items, length, block_s, config.target_programs, config.min_tiles)
+    common = dict(HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_S=block_s, HAS_KVLEN=kv_len is not None,
+                  DYNAMIC_LOOP=q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1",
+                  num_warps=config.num_warps, num_stages=config.num_stages)
+    c_splits, c_tiles = split_plan(batch, clusters, length, block_s, config.target_programs, 1)
+    scores = torch.empty(batch, clusters, length, dtype=torch.float32, device=q.device)
+    _kernel("rep_scores_kernel")[(clusters, c_splits, batch)](
+        q, k_rep, reps, k_idx, kv_t, scores,
+        q.stride(0), q.stride(1), k_rep.stride(0), k_rep.stride(1), k_rep.stride(2), stride_kib, stride_kvl,
+        scores.stride(0), scores.stride(1), clusters, kv_limit, float(scaling),
+        TILES=c_tiles, HAS_KIDX=k_index is not None, **common)
+    splits, tiles = split_plan(batch, heads, length, block_s, config.target_programs, config.min_tiles)
     acc = torch.empty(batch, heads, splits, block_d, dtype=torch.float32, device=q.device)
     m = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
     lse = torch.empty_like(m)
-    _kernel()[(items, splits, batch)](
-        q3, k_rep, v, labels.contiguous(), reps.contiguous(), k_idx, v_idx, kv_t, acc, m, lse,
-        q3.stride(0), q3.stride(1), k_rep.stride(0), k_rep.stride(1), k_rep.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), stride_kib, stride_vib, stride_kvl,
-        heads, clusters, splits, max(1, heads // v.shape[1]), kv_limit, float(scaling),
-        HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_S=block_s, TILES=tiles,
-        BLOCK_H=_pow2(heads), BLOCK_C=_pow2(clusters), GROUP=config.group,
-        DYNAMIC_LOOP=q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1",
-        HAS_KIDX=k_index is not None, HAS_VIDX=v_index is not None, HAS_KVLEN=isinstance(kv_len, torch.Tensor),
-        MMA=config.mma, PRECISION="ieee" if v.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+    _kernel("shared_scores_values_kernel")[(heads, splits, batch)](
+        scores, v, labels, v_idx, kv_t, acc, m, lse,
+        scores.stride(0), scores.stride(1), v.stride(0), v.stride(1), v.stride(2), stride_vib, stride_kvl,
+        heads, splits, max(1, heads // v.shape[1]), kv_limit,
+        TILES=tiles, HAS_VIDX=v_index is not None, **common)
     out = torch.empty(batch, heads, dim, dtype=v.dtype, device=q.device)
-    _merge_kernel()[(batch * heads,)](
+    _kernel("merge_splits_kernel")[(batch * heads,)](
         acc, m, lse, out, out.stride(0), out.stride(1), heads, splits,
         HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_SPLITS=_pow2(splits), num_warps=4,
     )
-    return out if squeeze else out[:, :, None]
+    return out
+
+
+_clustered_decode = torch.library.custom_op("chai::clustered_decode", _launch, mutates_args=())
+
+
+@_clustered_decode.register_fake
+def _(q, k_rep, v, labels, reps, scaling, kv_len, kv_limit, k_index, v_index, block_s, num_warps, num_stages,
+      target_programs, min_tiles):
+    return q.new_empty(q.shape, dtype=v.dtype)

@@ -312,7 +312,7 @@ class Chai(Method):
         reps = representatives(features, labels, count, self.representative)
         membership = Membership.build(labels, reps, self._shape.groups, self._shape.kv_heads)
         if features.is_cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(features.device)
         self._seconds += time.perf_counter() - started
         self._calls += 1
         self._last[idx] = membership

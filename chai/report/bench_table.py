@@ -37,13 +37,15 @@ def _latest_cells(path: Path) -> tuple[dict, dict]:
 
 
 def _row(batch, seq, label, b, error) -> str:
+    static = b["path"] in ("static_compiled", "method_static")
+    path = b["path"] + (f" ({b['step']})" if static and b.get("step") else "")  # how a static path was stepped
     if error:
-        return f"| {batch} | {seq} | {label} | {b['path']} | {'OOM' if b.get('oom') else 'failed'} |" + " |" * 13
+        return f"| {batch} | {seq} | {label} | {path} | {'OOM' if b.get('oom') else 'failed'} |" + " |" * 13
     # .get: cells recorded before a field existed (or without their baselines) show "-" there
     s, roof, kv = b.get("speedup_vs") or {}, b.get("roofline") or {}, b["kv_bytes"]
     ttft_x = (b.get("ttft_speedup_vs") or {}).get("mha_sdpa")
     saved = kv["saved_analytic"] / kv["dense_analytic"] if kv.get("dense_analytic") else None
-    return (f"| {batch} | {seq} | {label} | {b['path']} | {_f(b['ttft_ms']['median'], '.1f')} "
+    return (f"| {batch} | {seq} | {label} | {path} | {_f(b['ttft_ms']['median'], '.1f')} "
             f"| {_f(b['ttft_no_cluster_ms']['median'], '.1f')} | {_f(ttft_x)} "
             f"| {_f(b['ttnt_ms']['median'])} | {_f(s.get('mha_eager'))} | {_f(s.get('mha_sdpa'))} "
             f"| {_f(s.get('mha_static_compiled'))} | {_f(roof.get('time_ms'))} "
