@@ -12,10 +12,19 @@ import triton.language as tl
 
 
 @triton.jit
-def _tile_count(split, kv_len, BLOCK_S: tl.constexpr, TILES: tl.constexpr):
-    """(first key of the split, tiles holding a valid key): splits past kv_len run none."""
+def _grid():
+    """(cluster or head, split, batch row) of this program; the row 64-bit: b * stride overflows int32 on large
+    caches."""
+    return tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+
+
+@triton.jit
+def _split_tiles(KvLen, b, stride_kvl, kv_limit, split, BLOCK_S: tl.constexpr, TILES: tl.constexpr,
+                 HAS_KVLEN: tl.constexpr):
+    """(valid length of row b, first key of the split, tiles holding a valid key): splits past it run none."""
+    kv_len = tl.minimum(tl.load(KvLen + b * stride_kvl), kv_limit) if HAS_KVLEN else kv_limit
     lo = split * (TILES * BLOCK_S)
-    return lo, tl.minimum(tl.maximum(kv_len - lo + BLOCK_S - 1, 0) // BLOCK_S, TILES)
+    return kv_len, lo, tl.minimum(tl.maximum(kv_len - lo + BLOCK_S - 1, 0) // BLOCK_S, TILES)
 
 
 @triton.jit
@@ -28,16 +37,13 @@ def rep_scores_kernel(
 ):
     """One program per (cluster, split, batch): scores[b, c, s] = q[b, rep(c)] . K[b, kc(c), s] * scaling for the
     split's keys below the valid length (later ones are not written: pass 2 never reads them)."""
-    c = tl.program_id(0)
-    split = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    c, split, b = _grid()
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     r = tl.load(Reps + b * clusters + c)
     kc = tl.load(KIdx + b * stride_kib + c) if HAS_KIDX else c
-    kv_len = tl.minimum(tl.load(KvLen + b * stride_kvl), kv_limit) if HAS_KVLEN else kv_limit
     q = tl.load(Q + b * stride_qb + r * stride_qh + d, mask=d_ok, other=0.0).to(tl.float32) * scaling
-    lo, n_tiles = _tile_count(split, kv_len, BLOCK_S, TILES)
+    kv_len, lo, n_tiles = _split_tiles(KvLen, b, stride_kvl, kv_limit, split, BLOCK_S, TILES, HAS_KVLEN)
     k_base = K + b * stride_kb + kc * stride_kc
     out = Scores + b * stride_sb + c * stride_sc
     # Compiled, the loop stops at the last tile holding a valid token (splits past kv_len run nothing). The
@@ -59,15 +65,12 @@ def shared_scores_values_kernel(
 ):
     """One program per (head, split, batch): the split's softmax statistics of the head's cluster scores (max, then
     sum of exp) and p @ V of the head, as partial results for `merge_splits_kernel`."""
-    h = tl.program_id(0)
-    split = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    h, split, b = _grid()
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     c = tl.load(Labels + b * heads + h)
     vh = tl.load(VIdx + b * stride_vib + h) if HAS_VIDX else h // v_group
-    kv_len = tl.minimum(tl.load(KvLen + b * stride_kvl), kv_limit) if HAS_KVLEN else kv_limit
-    lo, n_tiles = _tile_count(split, kv_len, BLOCK_S, TILES)
+    kv_len, lo, n_tiles = _split_tiles(KvLen, b, stride_kvl, kv_limit, split, BLOCK_S, TILES, HAS_KVLEN)
     scores = Scores + b * stride_sb + c * stride_sc
     m_i = tl.full([BLOCK_S], float("-inf"), tl.float32)
     for tile in range(n_tiles if DYNAMIC_LOOP else TILES):  # the scores are 1/64 of the V bytes: read them twice
