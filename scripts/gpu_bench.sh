@@ -15,7 +15,8 @@
 # copied to $OUT after every run. Recorded cells are reused (same settings, same GPU): `core` then `full` measures
 # each cell once, and a call cut short goes on where it stopped. Runs stop by BUDGET_S (default 540 s) so the table
 # is always written.
-# Knobs: NEW_TOKENS (16), REPEATS (2), WARMUP (1), STATIC_STEP (auto: CUDA graph | compile), BATCH, SEQ, PYTHON,
+# Knobs: NEW_TOKENS (16), REPEATS (2), WARMUP (1), STATIC_STEP (auto = compile on CUDA | cudagraph | eager;
+# eager for a model spread over GPUs, where no CUDA graph spans them), BATCH, SEQ, PYTHON,
 # MODEL (llama7b) and CHAI_ARGS (the two released 7B lists; also to rehearse the script on a tiny model on a CPU),
 # BASELINES_ONLY_CHAI=1 (skip DEJAVU and SparQ: LLaMA-33B on one H200 is
 #   MODEL=llama33b CHAI_ARGS=method.layer_clusters=llama33b BATCH=[1,8] BASELINES_ONLY_CHAI=1 GRID=core ...).
