@@ -48,11 +48,11 @@ def profile_run(name, overrides, args, model, ids):
     graph = "cudagraph" if model.device.type == "cuda" else "eager"  # eager: rehearsing on a CPU
     kinds = [graph] + (["compile"] if args.compile and cfg.method.name == "mha" else [])
     kinds = ["dynamic"] if args.dynamic else kinds
+    cfg.bench.new_tokens = args.steps + 4  # make_step warms up on up to 2 of the cache's spare slots
     for kind in kinds:
-        cfg.bench.static_step, cfg.bench.new_tokens = kind, args.steps + 4
         with torch.no_grad(), method.applied(model):
             if kind == "dynamic":  # the method's own cache, eager steps (the bench's `method` path)
-                cache, step = method.make_cache(model), None
+                cache = method.make_cache(model)
                 token = bench.prefill(model, ids, cache)
                 step = bench.EagerStep(model, cache)
             else:

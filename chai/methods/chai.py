@@ -366,7 +366,7 @@ class Chai(Method):
                 str(layer): m.groups(0) for layer, m in sorted((self._fixed or self._last).items())
             },
             "kept_kv_heads": {str(layer): m.kept_kv()[0] for layer, m in sorted((self._fixed or self._last).items())},
-            "decode_kernel": asdict(kd.DEFAULT),  # launch settings of the fused decode (CUDA)
+            "decode_kernel": asdict(kd.DEFAULT),  # launch settings of the decode kernels (CUDA)
         }
 
 
