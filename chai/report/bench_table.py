@@ -67,12 +67,13 @@ def render(path: Path) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_bench_table(results: Path) -> tuple[list, list]:
-    """results/bench/runs.jsonl -> results/bench/bench_table.md (a build step: (written, skipped))."""
+def write_bench_table(results: Path, out: Path) -> tuple[list, list]:
+    """results/bench/runs.jsonl -> `out`/bench_table.md (a build step: (written, skipped))."""
     records = Path(results) / "bench" / "runs.jsonl"
     if not records.exists():
         return [], ["bench_table: no bench records (run `bash scripts/gpu_bench.sh` on a GPU)"]
-    target = records.with_name("bench_table.md")
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / "bench_table.md"
     target.write_text(render(records))
     return [target], []
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pandas as pd
 
 from chai.report.loading import matching
-from chai.report.style import figure_title, legend, method_label, ordered_tasks, panels, save, task_label
+from chai.report.style import (figure_title, integer_axis, legend, method_label, ordered_tasks, panels, save,
+                               task_label)
 from chai.report.tables import limit_name
 
 GROUPINGS = ("chai", "chai_static", "random_groups")
@@ -30,8 +31,14 @@ def _by_limit(frame: pd.DataFrame):
     return frame.assign(limit_key=frame["limit"].map(limit_name)).groupby(["model", "limit_key"], sort=True)
 
 
-def _sweep_figure(part, tasks, series, x_label, title, metric, logx=False):
-    """series: [(label, marker, rows with an `x` column)] -> one panel per task."""
+def _swept_tasks(series) -> list[str]:
+    """Tasks with at least two x values: a task with only the default cell is no sweep."""
+    swept = pd.concat([s[2] for s in series]).groupby("task")["x"].nunique()
+    return ordered_tasks(swept[swept >= 2].index)
+
+
+def _sweep_figure(part, tasks, series, x_label, title, metric, counts=False):
+    """series: [(label, marker, rows with an `x` column)] -> one panel per task; `counts`: x is a whole number."""
     fig, axes = panels(len(tasks))
     for ax, task in zip(axes, tasks):
         for label, marker, rows in series:
@@ -42,8 +49,8 @@ def _sweep_figure(part, tasks, series, x_label, title, metric, logx=False):
         ax.set_title(task_label(task))
         ax.set_xlabel(x_label)
         ax.set_ylabel(f"{metric} (%)")
-        if logx:
-            ax.set_xscale("log", base=2)
+        if counts:
+            integer_axis(ax.xaxis, pd.concat([rows[rows["task"] == task]["x"] for _, _, rows in series]))
         ax.grid(alpha=0.3)
     legend(axes, fontsize=7)
     figure_title(fig, title)
@@ -66,15 +73,18 @@ def accuracy_vs_compute(frame: pd.DataFrame, out: Path, metric: str = "acc") -> 
             skipped.append(f"fig01 {model} ({limit}): no CHAI/static/random records with a known compute share "
                            "(run `python run.py experiment=sweep_clusters`)")
             continue
-        swept = pd.concat([s[2] for s in series]).groupby("task")["x"].nunique()
-        tasks = ordered_tasks(swept[swept >= 2].index)  # a task with only the default cell is no sweep
+        tasks = _swept_tasks(series)
+        if not tasks:
+            skipped.append(f"fig01 {model} ({limit}): no task has two or more compute shares recorded "
+                           "(run `python run.py experiment=sweep_clusters`)")
+            continue
         fig = _sweep_figure(part, tasks, series, "attention-score compute (share of MHA)",
                             f"Accuracy against attention compute: {model}, {limit}", metric)
         written += save(fig, out, _stem("fig01_accuracy_vs_compute", model, limit))
     return written, skipped
 
 
-def _setting_sweep(frame, out, method_list, key, name, x_label, title, logx, metric):
+def _setting_sweep(frame, out, method_list, key, name, x_label, title, metric):
     if frame.empty:
         return [], [f"{name}: no eval records (run `python run.py experiment={name}`)"]
     written, skipped = [], []
@@ -90,9 +100,12 @@ def _setting_sweep(frame, out, method_list, key, name, x_label, title, logx, met
             skipped.append(f"{name} {model} ({limit}): fewer than two values of method.{key} recorded "
                            f"(run `python run.py experiment={name}`)")
             continue
-        swept = pd.concat([s[2] for s in series]).groupby("task")["x"].nunique()
-        tasks = ordered_tasks(swept[swept >= 2].index)  # a task with only the default cell is no sweep
-        fig = _sweep_figure(part, tasks, series, x_label, f"{title}: {model}, {limit}", metric, logx)
+        tasks = _swept_tasks(series)
+        if not tasks:
+            skipped.append(f"{name} {model} ({limit}): no task has two or more values of method.{key} recorded "
+                           f"(run `python run.py experiment={name}`)")
+            continue
+        fig = _sweep_figure(part, tasks, series, x_label, f"{title}: {model}, {limit}", metric, counts=True)
         written += save(fig, out, _stem(name, model, limit))
     return written, skipped
 
@@ -100,10 +113,10 @@ def _setting_sweep(frame, out, method_list, key, name, x_label, title, logx, met
 def clusters_sweep(frame: pd.DataFrame, out: Path, metric: str = "acc") -> tuple[list, list]:
     """Accuracy as the clusters per clustered layer go from 1 to H (experiment=sweep_clusters)."""
     return _setting_sweep(frame, out, GROUPINGS, "num_clusters", "sweep_clusters", "clusters per clustered layer",
-                          "Accuracy against clusters per layer", True, metric)
+                          "Accuracy against clusters per layer", metric)
 
 
 def first_layer_sweep(frame: pd.DataFrame, out: Path, metric: str = "acc") -> tuple[list, list]:
     """CHAI accuracy as the first clustered layer moves (experiment=sweep_first_layer)."""
     return _setting_sweep(frame, out, ("chai",), "first_clustered_layer", "sweep_first_layer",
-                          "first clustered layer", "CHAI accuracy against the first clustered layer", False, metric)
+                          "first clustered layer", "CHAI accuracy against the first clustered layer", metric)

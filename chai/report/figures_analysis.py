@@ -10,7 +10,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 
-from chai.report.style import figure_title, panels, save
+from chai.report.style import figure_title, integer_axis, panels, save
 
 MAX_LAYERS = 8  # panels per figure: evenly spaced layers, first and last included
 
@@ -50,6 +50,7 @@ def elbow_figure(artifact: dict, model: str):
         ax.plot([k], [curve[k - 1]], "o", color="crimson", label=f"chosen k={k}")
         ax.set_title(f"layer {layer}", fontsize=9)
         ax.set_xlabel("clusters k", fontsize=8)
+        integer_axis(ax.xaxis, ks)
         ax.set_ylabel("inertia / inertia(k=1)", fontsize=8)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
@@ -57,6 +58,7 @@ def elbow_figure(artifact: dict, model: str):
     last.bar(range(len(chosen)), chosen, color="tab:blue")
     last.set_xlabel("layer", fontsize=8)
     last.set_ylabel("chosen clusters", fontsize=8)
+    integer_axis(last.yaxis, range(1, max(chosen) + 1))
     last.set_title(f"rule: {str(artifact['elbow'].get('rule', '')).split(':')[0]}", fontsize=9)
     figure_title(fig, f"Elbow curves and chosen cluster counts: {model}")
     return fig
@@ -90,6 +92,7 @@ def cluster_size_figure(shares: np.ndarray, model: str):
     pooled.bar(used, mean[used] * 100)
     pooled.set_xlim(0.5, max(used.max(), 1) + 0.5)
     pooled.set_xlabel("heads in the cluster")
+    integer_axis(pooled.xaxis, used)
     pooled.set_ylabel("share of clusters (%)")
     pooled.set_title("all layers")
     bottom = np.zeros(shares.shape[0])

@@ -1,92 +1,174 @@
 """Bench figures from mode=bench cell records: latency over sequence length (paper Fig. 11: time to first token and
-time per next token, median with the p10-p90 band) and K,V memory (Fig. 12: bytes held by the cache, measured and
-analytic, and the allocator's peak). One figure per model, one row of panels per batch size; a line per method and
-bench path (MHA's eager / SDPA / static+compiled baselines, a method's own path); OOM cells are listed in the panel.
+time per next token, median with the p10-p90 band) and K,V memory (Fig. 12: bytes held by the cache, analytic and
+measured, and the allocator's peak). One figure per model, one row of panels per batch size, one legend per figure.
+A method keeps one colour in both figures; the bench path (MHA's eager / SDPA / static+compiled baselines, a method's
+own dynamic or static path) is the line style. OOM cells are listed in the panel.
 """
 
 from pathlib import Path
 
 import pandas as pd
+from matplotlib.lines import Line2D
 
-from chai.report.style import figure_title, legend, method_label, panels, save
+from chai.report.style import figure_legend, figure_title, log_axis, method_label, panels, save
 
 MEMORY_PATHS = ("sdpa", "method")  # one dynamic-cache line per method: the static paths hold the same K,V
+PATH_STYLES = {  # bench path -> (line style, legend text); chai/bench.py compares method to sdpa, static to static
+    "sdpa": ("-", "dynamic cache (SDPA, or the method's own attention)"),
+    "method": ("-", "dynamic cache (SDPA, or the method's own attention)"),
+    "eager": (":", "eager attention, dynamic cache"),
+    "static_compiled": ("--", "static cache, compiled / captured decode step"),
+    "method_static": ("--", "static cache, compiled / captured decode step"),
+}
+MARKERS = "osD^vP*Xph"  # measured K,V of the i-th method: a distinct shape, so coinciding methods stay apart
 
 
-def _line_label(row) -> str:
-    return f"{method_label(row['method'], row['settings'])} ({row['path']})"
+def _method(row) -> str:
+    return method_label(row["method"], row["settings"])
+
+
+def _colours(part: pd.DataFrame) -> dict[str, str]:
+    """One colour per method of a model, shared by its latency and memory figures."""
+    return {label: f"C{i % 10}" for i, label in enumerate(sorted(set(part.apply(_method, axis=1))))}
 
 
 def _lines(rows: pd.DataFrame):
-    for label, line in rows.assign(label=rows.apply(_line_label, axis=1)).groupby("label", sort=True):
-        yield label, line.sort_values("seq_len")
+    """(method label, path, rows sorted by prompt length) per line."""
+    labelled = rows.assign(label=rows.apply(_method, axis=1))
+    for (label, path), line in labelled.groupby(["label", "path"], sort=True):
+        yield label, path, line.sort_values("seq_len")
 
 
 def _oom_note(ax, rows: pd.DataFrame) -> None:
     oom = rows[rows["oom"]]
     if not oom.empty:
-        text = "; ".join(f"{_line_label(r)} S={r['seq_len']}" for _, r in oom.iterrows())
+        text = "; ".join(f"{_method(r)} ({r['path']}) S={r['seq_len']}" for _, r in oom.iterrows())
         ax.text(0.01, 0.99, f"OOM: {text}", transform=ax.transAxes, fontsize=6, va="top", color="crimson")
 
 
+def _prompt_axis(ax, rows: pd.DataFrame, name: str, batch) -> None:
+    ax.set_xscale("log", base=2)
+    log_axis(ax.xaxis, rows["seq_len"].astype(int))  # the recorded lengths, written out (2048, not 2^11)
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel(name)
+    ax.set_title(f"{name}, batch {batch}", fontsize=9)
+    ax.grid(alpha=0.3)
+    _oom_note(ax, rows)
+
+
+def _failed_models(frame: pd.DataFrame, name: str) -> tuple[pd.DataFrame, list[str]]:
+    """The cells that ran, and one skip line per model whose every cell failed."""
+    done = frame[~frame["failed"]]
+    gone = sorted(set(frame["model"]) - set(done["model"]))
+    return done, [f"{name} {model}: every bench cell failed or ran out of memory" for model in gone]
+
+
 def latency_figures(frame: pd.DataFrame, out: Path) -> tuple[list, list]:
-    """Fig. 11 for every benchmarked model."""
+    """Fig. 11 for every benchmarked model. Log time axis: dynamic-path simulations (100+ ms per token) and the
+    static paths (a few ms) share a panel and both stay readable."""
     if frame.empty:
         return [], ["fig11: no bench records (run `python run.py experiment=latency`)"]
+    done, skipped = _failed_models(frame, "fig11")
     written = []
-    for model, part in frame.groupby("model", sort=True):
-        batches = sorted(part["batch"].unique())
-        fig, axes = panels(2 * len(batches), width=4.4, height=3.2, max_cols=2)
+    for model, ran in done.groupby("model", sort=True):
+        part, colours = frame[frame["model"] == model], _colours(ran)
+        batches = sorted(ran["batch"].unique())
+        fig, axes = panels(2 * len(batches), width=4.4, height=3.2, max_cols=2, layout="constrained")
         for b, batch in enumerate(batches):
-            rows = part[part["batch"] == batch]
-            done = rows[~rows["failed"]]
-            for ax, metric, name in ((axes[2 * b], "ttft_ms", "time to first token"),
-                                     (axes[2 * b + 1], "ttnt_ms", "time per next token")):
-                for label, line in _lines(done):
-                    drawn = ax.plot(line["seq_len"], line[f"{metric}_median"], marker="o", markersize=3, label=label)
-                    ax.fill_between(line["seq_len"], line[f"{metric}_p10"], line[f"{metric}_p90"], alpha=0.2,
-                                    color=drawn[0].get_color())
-                ax.set_xscale("log", base=2)
-                ax.set_xlabel("prompt tokens")
-                ax.set_ylabel(f"{name} (ms)")
-                ax.set_title(f"{name}, batch {batch}", fontsize=9)
-                ax.grid(alpha=0.3)
-                _oom_note(ax, rows)
-        legend(axes, fontsize=6)
-        figure_title(fig, f"Latency: {model}")
+            for ax, metric, name in ((axes[2 * b], "ttft_ms", "time to first token (ms)"),
+                                     (axes[2 * b + 1], "ttnt_ms", "time per next token (ms)")):
+                for label, path, line in _lines(ran[ran["batch"] == batch]):
+                    style = PATH_STYLES.get(path, ("-.", path))[0]
+                    ax.plot(line["seq_len"], line[f"{metric}_median"], color=colours[label], linestyle=style,
+                            marker="o", markersize=3)
+                    ax.fill_between(line["seq_len"], line[f"{metric}_p10"], line[f"{metric}_p90"], alpha=0.15,
+                                    color=colours[label], linewidth=0)
+                ax.set_yscale("log")
+                log_axis(ax.yaxis)
+                _prompt_axis(ax, part[part["batch"] == batch], name, batch)
+        _latency_legend(fig, colours, sorted(set(ran["path"])))
+        figure_title(fig, f"Latency: {model} (median, band p10-p90; log time axis)")
         written += save(fig, out, f"fig11_latency_{model}")
-    return written, []
+    return written, skipped
+
+
+def _latency_legend(fig, colours: dict[str, str], paths: list[str]) -> None:
+    """Methods by colour, then bench paths by line style (grey)."""
+    methods = [(Line2D([], [], color=c, marker="o", markersize=4), label) for label, c in colours.items()]
+    styles = {}
+    for path in paths:
+        style, text = PATH_STYLES.get(path, ("-.", path))
+        styles.setdefault(text, Line2D([], [], color="dimgray", linestyle=style))
+    figure_legend(fig, methods, [(handle, text) for text, handle in styles.items()])
+
+MEMORY_NOTE = (
+    "Left: K,V bytes the cache holds after the prompt; lines: analytic (the method's bytes per token x batch x "
+    "tokens), hollow markers: measured from the cache tensors. Methods with equal bytes are drawn nested (the first "
+    "in the legend wider and larger) so that each stays visible. Right: the CUDA allocator's peak over the whole cell "
+    "(torch.cuda.max_memory_allocated from cache allocation through prefill, decode-step capture, warm-up and timed "
+    "rounds, less what was allocated before: the weights): the cache plus transient workspace, not the cache alone. "
+    "CHAI can peak above MHA with a smaller cache: in prefill each layer keeps every K head until its clusters are "
+    "known, then copies the kept heads into the compact cache, and its clustered attention scores rows in float32 "
+    "blocks where MHA's SDPA uses a fused kernel."
+)
+
+
+def _same_curve(a: pd.Series, b: pd.Series) -> bool:
+    """Whether two curves (indexed by prompt length) lie on each other where both have points."""
+    common = a.index.intersection(b.index)
+    return len(common) > 0 and bool(((a[common] - b[common]).abs() <= 1e-3 * b[common].abs()).all())
+
+
+def _draw_nested(ax, lines: list, column: str, colours: dict, measured: bool) -> None:
+    """`column` in MiB, one curve per method: a line (analytic, peak) or hollow markers (measured). A curve that a
+    later one lies on is drawn wider and beneath it, so coinciding methods (equal bytes) both stay visible."""
+    curves = [(label, line.groupby("seq_len")[column].mean() / 2**20) for label, _, line in lines]
+    for i, (label, y) in enumerate(curves):
+        under = sum(_same_curve(y, other) for _, other in curves[i + 1:])
+        colour, order = colours[label], list(colours).index(label)
+        if measured:
+            ax.plot(y.index, y.values, linestyle="none", marker=MARKERS[order % len(MARKERS)], markersize=4 + 3 * under,
+                    markerfacecolor="none", color=colour, zorder=3 + i)
+        else:
+            ax.plot(y.index, y.values, color=colour, linewidth=1.2 + 3 * under, alpha=0.5 if under else 1,
+                    zorder=2 + i)
 
 
 def memory_figures(frame: pd.DataFrame, out: Path) -> tuple[list, list]:
-    """Fig. 12 for every benchmarked model."""
+    """Fig. 12 for every benchmarked model: the dynamic-cache path of each method (MEMORY_PATHS)."""
     if frame.empty:
         return [], ["fig12: no bench records (run `python run.py experiment=memory`)"]
+    done, skipped = _failed_models(frame, "fig12")
     written = []
-    for model, part in frame.groupby("model", sort=True):
-        part = part[part["path"].isin(MEMORY_PATHS)]
-        if part.empty:
+    for model, ran in done.groupby("model", sort=True):
+        colours = _colours(ran)  # before the path filter: the same colours as the model's latency figure
+        ran = ran[ran["path"].isin(MEMORY_PATHS)]
+        part = frame[(frame["model"] == model) & frame["path"].isin(MEMORY_PATHS)]
+        if ran.empty:
+            skipped.append(f"fig12 {model}: no bench cell on the {' or '.join(MEMORY_PATHS)} path")
             continue
-        batches = sorted(part["batch"].unique())
-        fig, axes = panels(2 * len(batches), width=4.4, height=3.2, max_cols=2)
+        batches = sorted(ran["batch"].unique())
+        fig, axes = panels(2 * len(batches), width=4.4, height=3.2, max_cols=2, layout="constrained")
         for b, batch in enumerate(batches):
-            rows = part[part["batch"] == batch]
-            done = rows[~rows["failed"]]
+            lines = list(_lines(ran[ran["batch"] == batch]))
             cache_ax, peak_ax = axes[2 * b], axes[2 * b + 1]
-            for label, line in _lines(done):
-                drawn = cache_ax.plot(line["seq_len"], line["kv_measured_cache"] / 2**20, marker="o", markersize=3,
-                                      label=f"{label} measured")
-                cache_ax.plot(line["seq_len"], line["kv_analytic"] / 2**20, linestyle=":", color=drawn[0].get_color(),
-                              label=f"{label} analytic")
-                peak_ax.plot(line["seq_len"], line["kv_allocator_peak"] / 2**20, marker="o", markersize=3, label=label)
-            for ax, name in ((cache_ax, "K,V cache (MiB)"), (peak_ax, "allocator peak (MiB)")):
-                ax.set_xscale("log", base=2)
-                ax.set_xlabel("prompt tokens")
-                ax.set_ylabel(name)
-                ax.set_title(f"{name}, batch {batch}", fontsize=9)
-                ax.grid(alpha=0.3)
-                _oom_note(ax, rows)
-            legend([cache_ax], fontsize=6)
+            _draw_nested(cache_ax, lines, "kv_analytic", colours, measured=False)
+            _draw_nested(cache_ax, lines, "kv_measured_cache", colours, measured=True)
+            _draw_nested(peak_ax, lines, "kv_allocator_peak", colours, measured=False)
+            _prompt_axis(cache_ax, part[part["batch"] == batch], "K,V cache (MiB)", batch)
+            _prompt_axis(peak_ax, part[part["batch"] == batch], "allocator peak (MiB)", batch)
+            peak_ax.set_title(f"allocator peak: cache + transient workspace, batch {batch}", fontsize=9)
+        _memory_legend(fig, colours, set(ran.apply(_method, axis=1)))
         figure_title(fig, f"K,V memory: {model}")
         written += save(fig, out, f"fig12_memory_{model}")
-    return written, [] if written else ["fig12: no bench cells on the sdpa or method path"]
+    return written, skipped
+
+
+def _memory_legend(fig, colours: dict[str, str], shown: set[str]) -> None:
+    """The methods drawn, by colour and marker, then what a line and a hollow marker mean (grey)."""
+    methods = [(Line2D([], [], color=c, marker=MARKERS[i % len(MARKERS)], markerfacecolor="none"), label)
+               for i, (label, c) in enumerate(colours.items()) if label in shown]
+    styles = [(Line2D([], [], color="dimgray"), "line: analytic K,V (left), allocator peak (right)"),
+              (Line2D([], [], color="dimgray", linestyle="none", marker="o", markerfacecolor="none"),
+               "hollow marker: measured K,V in the cache")]
+    figure_legend(fig, methods, styles, note=MEMORY_NOTE)

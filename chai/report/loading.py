@@ -18,11 +18,15 @@ from chai.paths import CONF_DIR
 from chai.records import read_jsonl
 
 
-def load_records(results: Path) -> list[dict]:
-    """Every complete record of every results/**/runs.jsonl, in file order."""
+ADHOC = "adhoc"  # conf/config.yaml's default experiment_name: runs nobody curated (results/adhoc/ is gitignored)
+
+
+def load_records(results: Path, include_adhoc: bool = False) -> list[dict]:
+    """Every complete record of every results/**/runs.jsonl, in file order; results/adhoc/ only when asked."""
     records = []
     for path in sorted(Path(results).glob("**/runs.jsonl")):
-        records.extend(read_jsonl(path))
+        if include_adhoc or path.relative_to(results).parts[0] != ADHOC:
+            records.extend(r for r in read_jsonl(path) if isinstance(r, dict))  # a stray JSON value is no record
     return records
 
 
@@ -109,7 +113,7 @@ def eval_frame(records: list[dict], calibrations: dict | None = None) -> pd.Data
     calibrations = calibrations or {}
     rows = []
     for r in records:
-        if r.get("mode") != "eval" or not _ok(r) or "metrics" not in r:
+        if r.get("mode") != "eval" or not _ok(r) or not isinstance(r.get("metrics"), dict):
             continue
         settings, task_cfg = settings_of(r), r.get("config", {}).get("task", {})
         kv = r.get("kv_bytes_per_token") or {}

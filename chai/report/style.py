@@ -10,6 +10,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter, NullLocator  # noqa: E402
 
 TASKS = ("piqa", "hellaswag", "arc_challenge", "arc_easy", "boolq")
 TASK_NAMES = {"piqa": "PIQA", "hellaswag": "HellaSwag", "arc_challenge": "ARC-C", "arc_easy": "ARC-E",
@@ -43,7 +45,9 @@ def ordered_tasks(tasks) -> list[str]:
 
 
 def panels(n: int, width: float = 3.4, height: float = 2.8, max_cols: int = 5, layout: str | None = None):
-    """A row-major grid of n axes (unused ones hidden): (figure, flat list of n axes)."""
+    """A row-major grid of n >= 1 axes (unused ones hidden): (figure, flat list of n axes)."""
+    if n < 1:  # callers skip a figure with nothing to show; an empty grid is a bug, said plainly
+        raise ValueError(f"panels: a figure needs at least one panel, got {n}")
     cols = min(n, max_cols)
     rows = -(-n // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, layout=layout)
@@ -55,6 +59,7 @@ def panels(n: int, width: float = 3.4, height: float = 2.8, max_cols: int = 5, l
 
 TITLE_SIZE = 10  # points
 CHAR_WIDTH = 0.6  # a character's mean width as a share of the font size, generous for DejaVu Sans
+NOTE_SIZE = 7  # points: a figure's caption
 
 
 def figure_title(fig, text: str, fontsize: float = TITLE_SIZE) -> None:
@@ -74,6 +79,51 @@ def save(fig, folder: Path, stem: str) -> list[Path]:
     fig.savefig(paths[1], metadata={"CreationDate": None})  # no timestamp: unchanged figures, unchanged files
     plt.close(fig)
     return paths
+
+
+MAX_TICKS = 12  # more labelled integers than this crowd a 3-inch axis
+
+
+def integer_axis(axis, values) -> None:
+    """A count axis (clusters, layers, heads) on a linear scale: every recorded value labelled when they are few
+    and spread enough for their labels not to touch, else whole numbers only; never a fractional or log tick."""
+    values = sorted({int(v) for v in values})
+    spread = len(values) < 2 or min(b - a for a, b in zip(values, values[1:])) * MAX_TICKS >= values[-1] - values[0]
+    if 0 < len(values) <= MAX_TICKS and spread:
+        axis.set_ticks(values, labels=[str(v) for v in values])
+    else:
+        axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def plain(value, _position=None) -> str:
+    return f"{value:g}"
+
+
+def log_axis(axis, ticks=None) -> None:
+    """A log axis read in plain numbers: `ticks` (the recorded values) if given, else 1-2-5 steps per decade."""
+    if ticks is not None:
+        ticks = sorted(set(ticks))
+        axis.set_ticks(ticks, labels=[plain(t) for t in ticks])
+    else:
+        axis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5)))
+        axis.set_major_formatter(FuncFormatter(plain))
+    axis.set_minor_locator(NullLocator())
+    axis.set_minor_formatter(NullFormatter())
+
+
+LEGEND_ROWS = 3
+
+
+def figure_legend(fig, *groups, note: str | None = None) -> None:
+    """One legend for the whole figure, below the panels (the figure needs layout="constrained" to make room).
+    groups: lists of (handle, label); each starts a new column, so methods and line styles never interleave.
+    `note`: a caption above the entries (the one place below the panels that the layout keeps clear)."""
+    rows = min(max(len(group) for group in groups), LEGEND_ROWS)
+    blank = (Line2D([], [], linestyle="none"), "")
+    entries = [e for group in groups for e in [*group, *[blank] * (-len(group) % rows)]]
+    width = int(fig.get_figwidth() * 72 / (CHAR_WIDTH * NOTE_SIZE))
+    fig.legend(*zip(*entries), loc="outside lower center", ncol=len(entries) // rows, fontsize=8, frameon=False,
+               title=note and textwrap.fill(note, width), title_fontsize=NOTE_SIZE, alignment="left")
 
 
 def legend(axes, **kwargs) -> None:
