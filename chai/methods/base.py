@@ -1,8 +1,10 @@
 """The one interface every attention method implements.
 
 A method is a dataclass whose fields are its paper's hyperparameters (validated in `__post_init__`, so bad values
-fail before any model loads) plus up to four hooks:
+fail before any model loads) plus up to five hooks:
 
+- `check_shape(config)`: checks against the model's shape from its config alone (no weights), so `run.py`
+  rejects e.g. more clusters than heads before the model loads; `prepare` runs the same checks on the real model.
 - `prepare(model, context)`: checks against the model's shape and loads what it needs offline (calibration).
 - `attention(module, query, key, value, mask, scaling, ...)`: registered under the method's name through
   transformers' `AttentionInterface`, with a boolean causal mask through `AttentionMaskInterface`.
@@ -17,9 +19,7 @@ import contextlib
 from dataclasses import asdict, dataclass
 from typing import ClassVar
 
-from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
-from transformers.masking_utils import AttentionMaskInterface
 
 from chai.attention import AttnShape, bool_causal_mask
 
@@ -40,6 +40,11 @@ class Method:
     name: ClassVar[str] = "base"
     # False: the model keeps its own attention implementation (MHA).
     custom_attention: ClassVar[bool] = True
+
+    def check_shape(self, config) -> None:
+        """Check the settings against a model's shape. `config`: a transformers config, or any object with its
+        fields (num_hidden_layers, num_attention_heads, ...; chai.preflight reads them without loading weights).
+        Default: no constraint."""
 
     def prepare(self, model, context: RunContext | None = None) -> None:
         """Check the method against the model; load or compute offline artifacts. Default: nothing to do."""
@@ -72,6 +77,11 @@ class Method:
 
     @contextlib.contextmanager
     def applied(self, model):
+        # Imported here, not at the top: transformers' modeling and masking utilities take seconds to import, and
+        # run.py's preflight imports the methods (for `check_shape`) before any model exists.
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
         previous = model.config._attn_implementation
         if self.custom_attention:
             AttentionInterface.register(self.name, self.attention)

@@ -173,7 +173,10 @@ class Chai(Method):
         self._setup(model.config)
 
     def _needs_artifact(self) -> bool:
-        return self.num_clusters is None and self.layer_clusters == "auto" or self.membership == "static"
+        return self._counts_from_artifact() or self.membership == "static"
+
+    def _counts_from_artifact(self) -> bool:
+        return self.num_clusters is None and self.layer_clusters == "auto"
 
     def _ensure(self, config) -> None:
         if self._config_id != id(config):
@@ -181,16 +184,24 @@ class Chai(Method):
                 raise ChaiError(f"method {self.name} needs the calibration artifact: call method.prepare(model, ctx).")
             self._setup(config)
 
-    def _setup(self, config) -> None:
+    def check_shape(self, config) -> None:
+        """Cluster counts against the layers and heads, first_clustered_layer against the layers. Counts from the
+        calibration artifact (`layer_clusters: auto`) are checked once `prepare` has loaded it."""
         shape = AttnShape.of(config)
-        counts, self._source = self._raw_counts(shape)
-        require(len(counts) == shape.layers,
-                f"{self._source} gives {len(counts)} cluster counts but the model has {shape.layers} layers.")
-        for layer, count in enumerate(counts):
-            require(1 <= count <= shape.heads,
-                    f"layer {layer} asks for {count} clusters but has {shape.heads} heads: use 1..{shape.heads}.")
+        if not self._counts_from_artifact() or self._artifact is not None:
+            counts, source = self._raw_counts(shape)
+            require(len(counts) == shape.layers,
+                    f"{source} gives {len(counts)} cluster counts but the model has {shape.layers} layers.")
+            for layer, count in enumerate(counts):
+                require(1 <= count <= shape.heads, f"{source}: layer {layer} asks for {count} clusters but has "
+                        f"{shape.heads} heads: use 1..{shape.heads}.")
         require(self.first_clustered_layer < shape.layers,
                 f"method.first_clustered_layer={self.first_clustered_layer} but the model has {shape.layers} layers.")
+
+    def _setup(self, config) -> None:
+        self.check_shape(config)
+        shape = AttnShape.of(config)
+        counts, self._source = self._raw_counts(shape)
         self._shape = shape
         self._counts = [None if layer < self.first_clustered_layer or (self.full_layers_dense and c == shape.heads)
                         else c for layer, c in enumerate(counts)]

@@ -88,6 +88,17 @@ def read_scores(source) -> list:
     return source
 
 
+def score_tensor(rows, shape: AttnShape) -> torch.Tensor:
+    """[layers][heads] scores as a float64 tensor [L, H], checked against the model's shape."""
+    scores = torch.tensor([[float(x) for x in row] for row in rows], dtype=torch.float64)
+    require(
+        tuple(scores.shape) == (shape.layers, shape.heads),
+        f"dejavu_static: head scores have shape {list(scores.shape)}, the model has "
+        f"[{shape.layers}, {shape.heads}] (layers, heads).",
+    )
+    return scores
+
+
 @register
 @dataclass
 class DejaVuStatic(Method):
@@ -117,36 +128,34 @@ class DejaVuStatic(Method):
             "dejavu_static: head_scores must be null, a [layers][heads] list or a path to a JSON file.",
         )
 
-    def prepare(self, model, context: RunContext | None = None) -> None:
-        shape = AttnShape.of(model.config)
+    def check_shape(self, config) -> None:
+        """dense_layers against the layers; given head scores against [layers, heads] (calibrated ones: in prepare)."""
+        shape = AttnShape.of(config)
         require(
             self.dense_layers <= shape.layers,
             f"dejavu_static: dense_layers={self.dense_layers} exceeds the model's {shape.layers} layers.",
         )
-        scores = self._scores(model, context)
-        require(
-            tuple(scores.shape) == (shape.layers, shape.heads),
-            f"dejavu_static: head scores have shape {list(scores.shape)}, the model has "
-            f"[{shape.layers}, {shape.heads}] (layers, heads).",
-        )
-        self._plans = plan_layers(scores, shape, self.sparsity, self.dense_layers)
+        if self.head_scores is not None:
+            score_tensor(read_scores(self.head_scores), shape)
+
+    def prepare(self, model, context: RunContext | None = None) -> None:
+        self.check_shape(model.config)  # before calibrating: a bad setting fails without the calibration pass
+        shape = AttnShape.of(model.config)
+        rows = read_scores(self.head_scores) if self.head_scores is not None else self._calibrated(model, context)
+        self._plans = plan_layers(score_tensor(rows, shape), shape, self.sparsity, self.dense_layers)
         self._heads = (shape.layers, shape.heads)
 
-    def _scores(self, model, context) -> torch.Tensor:
-        if self.head_scores is not None:
-            rows = read_scores(self.head_scores)
-        else:
-            try:
-                from chai.calibrate import load_or_calibrate
-            except ModuleNotFoundError as err:
-                if err.name != "chai.calibrate":
-                    raise
-                raise ChaiError(
-                    "dejavu_static: no calibration available (chai.calibrate missing); "
-                    "pass method.head_scores=<artifact.json or [layers][heads] list>."
-                ) from None
-            rows = load_or_calibrate(model, context)["head_importance"]
-        return torch.tensor([[float(x) for x in row] for row in rows], dtype=torch.float64)
+    def _calibrated(self, model, context) -> list:
+        try:
+            from chai.calibrate import load_or_calibrate
+        except ModuleNotFoundError as err:
+            if err.name != "chai.calibrate":
+                raise
+            raise ChaiError(
+                "dejavu_static: no calibration available (chai.calibrate missing); "
+                "pass method.head_scores=<artifact.json or [layers][heads] list>."
+            ) from None
+        return load_or_calibrate(model, context)["head_importance"]
 
     def _require_plans(self, model) -> dict[int, LayerPlan]:
         if self._plans is None:

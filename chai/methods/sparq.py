@@ -178,13 +178,14 @@ class SparQ(Method):
         local_rows = torch.floor(k_rows.double() * self.local_fraction).long()
         return k_rows, local_rows, (n > k_rows) & (n > self.dense_prefix)
 
+    def check_shape(self, config) -> None:
+        head_dim = AttnShape.of(config).head_dim
+        require(self.components(head_dim) <= head_dim, f"sparq: r={self.r} exceeds the model's head_dim {head_dim}.")
+
     def _check(self, model) -> None:
+        self.check_shape(model.config)
         self._shape = AttnShape.of(model.config)
         self._dtype_bytes = torch.finfo(model.dtype).bits // 8
-        require(
-            self.components(self._shape.head_dim) <= self._shape.head_dim,
-            f"sparq: r={self.r} exceeds the model's head_dim {self._shape.head_dim}.",
-        )
 
     def prepare(self, model, context=None) -> None:
         self._check(model)
