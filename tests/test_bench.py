@@ -2,6 +2,7 @@
 a failed or out-of-memory cell recorded while the grid goes on, resume per cell, and a method's own paths (here a
 stand-in for CHAI: K stored for cluster representatives only) timed against every baseline."""
 
+import json
 from dataclasses import dataclass
 
 import pytest
@@ -15,6 +16,7 @@ from chai.cli import run_mode
 from chai.errors import ChaiError
 from chai.kernels.clustered_decode import clustered_attention_reference
 from chai.methods import Method, build_method, register
+from chai.methods.base import RunStats
 from chai.records import read_jsonl
 from chai.roofline import kv_cache_bytes
 from tests.helpers import compose_cfg
@@ -37,7 +39,8 @@ class RepKStaticLayer(StaticLayer):
     def lazy_initialization(self, key_states, value_states):
         super().lazy_initialization(key_states, value_states)
         batch, heads, _, dim = value_states.shape  # V keeps every head, unlike K
-        self.values = torch.zeros(batch, heads, self.max_cache_len, dim, dtype=self.dtype, device=self.device)
+        self.values = torch.zeros(batch, heads, self.max_cache_len, dim, dtype=value_states.dtype,
+                                  device=self.keys.device)
         torch._dynamo.mark_static_address(self.values)
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -52,11 +55,11 @@ class StandInClustered(Method):
     name = "standin_clustered"
 
     def __post_init__(self):
-        self.clustering_time_s = 0.0  # cumulative, as CHAI reports it
+        self.clustering_s = 0.0  # cumulative, as CHAI reports it
 
     def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         if query.shape[2] > 1 and module.layer_idx == 0:  # "clusters" once per prefill
-            self.clustering_time_s += 0.0005
+            self.clustering_s += 0.0005
         labels = torch.tensor(LABELS, device=query.device).expand(query.shape[0], -1)
         reps = torch.tensor(REPS, device=query.device).expand(query.shape[0], -1)
         return to_output(clustered_attention_reference(query, key, value, labels, reps, scaling, attention_mask)), None
@@ -67,13 +70,13 @@ class StandInClustered(Method):
     def static_cache(self, model, batch_size, max_cache_len):
         return Cache(layers=[RepKStaticLayer(max_cache_len) for _ in range(model.config.num_hidden_layers)])
 
-    def kv_bytes_per_token(self, config, dtype_bytes):
+    def kv_bytes(self, config, batch, tokens, dtype_bytes):
         shape = AttnShape.of(config)
-        per_head = shape.layers * shape.head_dim * dtype_bytes
+        per_head = batch * tokens * shape.layers * shape.head_dim * dtype_bytes
         return {"k": len(REPS) * per_head, "v": shape.heads * per_head}
 
-    def describe(self):
-        return {"clustering_time_s": self.clustering_time_s}
+    def run_stats(self):
+        return RunStats(clustering_s=self.clustering_s)
 
 
 def bench_cfg(tmp_path, *overrides, method=None):
@@ -237,7 +240,7 @@ def test_roofline_arithmetic():
 
     assert percentiles([4.0, 1.0, 3.0, 2.0]) == {"median": 2.5, "p10": pytest.approx(1.3), "p90": pytest.approx(3.7),
                                                  "n": 4}
-    step = roofline(1000.0, 10**9, {"k": 10**6, "v": 10**6}, batch=8)  # 1 TB/s, 1 GB of weights, 16 MB of K,V
+    step = roofline(1000.0, 10**9, {"k": 8 * 10**6, "v": 8 * 10**6})  # 1 TB/s, 1 GB of weights, 16 MB of K,V
     assert step["bytes_per_step"] == 10**9 + 16 * 10**6 and step["time_ms"] == pytest.approx(1.016)
     assert step["kv_fraction_of_bytes"] == pytest.approx(16 / 1016)
     config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -246,3 +249,25 @@ def test_roofline_arithmetic():
     everything = sum(p.numel() * p.element_size() for p in model.parameters())
     assert weight_bytes_per_step(model) == everything - 100 * 16 * 4  # a step gathers B rows of the embedding
     assert copy_bandwidth(torch.device("cpu"), 1 << 20, repeats=2)["bandwidth_GBps"] > 0
+
+
+def test_chai_without_an_artifact_calibrates_first_as_eval_does(tmp_path, capsys):
+    """No results/calibration/tiny_llama.json: the bench loads the tokenizer and CHAI makes the artifact, instead of
+    failing with "no tokenizer" (the summary then shows the cells' own figures)."""
+    from chai.calibrate import artifact_path
+    from chai.paths import data_dir
+
+    if not (data_dir() / "c4" / "c4_validation_2k.jsonl").exists():
+        pytest.skip("no C4 calibration file in the data directory")
+    cfg = bench_cfg(tmp_path, "method=chai", "bench.paths=[sdpa,method]", "bench.seq_lens=[8]", "bench.repeats=1",
+                    "calibration.n_docs=4", "calibration.seq_len=24", "calibration.feature_tokens=8")
+    path = artifact_path(str(tmp_path), "tiny_llama")
+    assert not path.exists()
+    run = run_mode(cfg, overrides=[])
+    chosen = json.loads(path.read_text())["elbow"]["chosen"]
+    assert run["method_info"]["clusters_per_layer"] == chosen and len(chosen) == 3
+    assert run["bench_summary"]["measured"] == 2 and run["bench_summary"]["errors"] == 0
+    out = capsys.readouterr().out
+    assert "nan" not in out.lower() and "None" not in out
+    assert [line.split()[:4] for line in out.splitlines() if line.startswith(("sdpa ", "method "))] == [
+        ["sdpa", "1", "x", "8"], ["method", "1", "x", "8"]]

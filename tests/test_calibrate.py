@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -105,7 +106,7 @@ def test_counts_override_and_load_or_calibrate(tiny_llama, corpus, tmp_path):
     assert static.describe()["example_groups"]["1"] == PLANTED
     with torch.no_grad(), static.applied(model):
         model(random_ids(1, 6, 1000))
-    assert static.describe()["clustering_calls"] == 0
+    assert static.run_stats().clustering_calls == 0
     # another count cuts the co-association matrix: the planted groups split no further than needed
     other = build_method({"name": "chai_static", "layer_clusters": [1, 2, 2]})
     other.prepare(model, context)
@@ -129,3 +130,10 @@ def test_mode_runner_writes_the_artifact(corpus, tmp_path):
     assert out["calibration"]["path"] == str(artifact_path(str(tmp_path), "tiny_llama"))
     saved = json.loads(artifact_path(str(tmp_path), "tiny_llama").read_text())
     assert saved["elbow"]["chosen"] == out["calibration"]["chosen"] and len(saved["correlation"]) == 3
+
+
+def test_no_artifact_and_no_tokenizer_names_the_command_that_makes_it(tiny_llama, tmp_path):
+    cfg = OmegaConf.create({"calibration": SMALL})
+    command = f"`python run.py mode=calibrate model=tiny_llama results_dir={tmp_path} model.tokenizer=...`"
+    with pytest.raises(ChaiError, match=re.escape(command)):
+        load_or_calibrate(tiny_llama[0], RunContext(cfg, None, "tiny_llama", None, str(tmp_path)))

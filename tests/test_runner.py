@@ -92,3 +92,20 @@ def test_a_torn_line_never_swallows_the_next_record(tmp_path):
         f.write('{"half": ')  # a writer killed mid-line
     append_jsonl(path, {"b": 2})
     assert read_jsonl(path) == [{"a": 1}, {"b": 2}]
+
+
+def test_a_run_prints_one_bar_its_summary_and_where_wandb_put_it(tmp_path, capfd, caplog, recwarn, monkeypatch):
+    """Not lm-eval's log, not its tokenizing bar, not a FutureWarning, not wandb's ~30 lines."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    wandb_dir = tmp_path / "wandb_here"
+    cfg = run_cfg(tmp_path, "model=tiny_llama", "task.limit=4", "logger.wandb.mode=offline",
+                  f"logger.wandb.dir={wandb_dir}")
+    record = run_mode(cfg, overrides=[])
+    out, err = capfd.readouterr()
+    assert err.count("Running loglikelihood requests: 100%") == 1 and "Tokenizing inputs" not in err
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("lm_eval")]
+    assert not [str(w.message) for w in recwarn if issubclass(w.category, FutureWarning)]
+    assert "wandb:" not in out + err
+    assert [line for line in out.splitlines() if "wandb" in line] == [
+        f"wandb offline run: {next((wandb_dir / 'wandb').glob('offline-run-*'))} (upload: wandb sync <that folder>)"]
+    assert f"mha | tiny_llama | piqa | n=4: acc {100 * record['metrics']['acc']:.1f} ± " in out
