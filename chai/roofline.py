@@ -109,20 +109,10 @@ def weight_bytes_per_step(model) -> int:
     return total
 
 
-def kv_read_bytes(method, config, dtype_bytes: int, context: float) -> dict:
-    """{"k", "v"} bytes one decode step reads from the cache at batch 1 and `context` tokens. A method whose reads
-    differ from what it stores (e.g. SparQ) defines `kv_bytes_read(config, dtype_bytes, context)`; otherwise a
-    step reads every stored K and V once (`kv_bytes_per_token` x context)."""
-    hook = getattr(method, "kv_bytes_read", None)
-    if hook is not None:
-        return dict(hook(config, dtype_bytes, context))
-    per_token = method.kv_bytes_per_token(config, dtype_bytes)
-    return {"k": per_token["k"] * context, "v": per_token["v"] * context}
-
-
-def roofline(bandwidth_gbps: float, weight_bytes: int, kv_read: dict, batch: int) -> dict:
-    """The roofline of one decode step at `batch`: bytes moved and the time they take at the measured bandwidth."""
-    kv = batch * (kv_read["k"] + kv_read["v"])
+def roofline(bandwidth_gbps: float, weight_bytes: int, kv_read: dict) -> dict:
+    """The roofline of one decode step: bytes moved (weights + `kv_read`, the method's `kv_bytes_read` for the
+    whole batch) and the time they take at the measured bandwidth."""
+    kv = kv_read["k"] + kv_read["v"]
     moved = weight_bytes + kv
     return {
         "bandwidth_GBps": bandwidth_gbps,
@@ -160,19 +150,19 @@ class Allocator:
 
 
 def kv_cache_bytes(method, model, batch: int, tokens: int, measured: dict | None) -> dict:
-    """K,V bytes of the cache: analytic (the method's per-token count x batch x tokens), measured from the cache
+    """K,V bytes of the cache: analytic (the method's `kv_bytes` for batch x tokens), measured from the cache
     tensors and the allocator, and what the method saves against dense MHA."""
     dtype_bytes = model.dtype.itemsize
-    per = method.kv_bytes_per_token(model.config, dtype_bytes)
+    expected = method.kv_bytes(model.config, batch, tokens, dtype_bytes)
     dense = AttnShape.of(model.config).dense_kv_bytes_per_token(dtype_bytes)
-    analytic = batch * tokens * (per["k"] + per["v"])
+    analytic = expected["k"] + expected["v"]
     dense_total = batch * tokens * (dense["k"] + dense["v"])
     measured = measured or {"measured_cache": None, "allocator_delta": None, "allocator_peak": None}
     held = measured["measured_cache"]
     return {
-        "tokens": tokens, "analytic": analytic, "analytic_k": batch * tokens * per["k"],
-        "analytic_v": batch * tokens * per["v"], **measured, "dense_analytic": dense_total,
-        "saved_analytic": dense_total - analytic, "saved_measured": None if held is None else dense_total - held,
+        "tokens": tokens, "analytic": analytic, "analytic_k": expected["k"], "analytic_v": expected["v"], **measured,
+        "dense_analytic": dense_total, "saved_analytic": dense_total - analytic,
+        "saved_measured": None if held is None else dense_total - held,
     }
 
 
@@ -181,8 +171,8 @@ def step_roofline(method, model, bandwidth: float, weights: int, batch: int, seq
     decode steps after a `seq_len` prompt, and the speedup over the `baseline` (MHA) roofline it predicts."""
     dtype_bytes = model.dtype.itemsize
     context = seq_len + (n + 1) / 2  # step i (0-based) attends to seq_len + i + 1 tokens
-    mine = roofline(bandwidth, weights, kv_read_bytes(method, model.config, dtype_bytes, context), batch)
-    mha = roofline(bandwidth, weight_bytes_per_step(model), kv_read_bytes(baseline, model.config, dtype_bytes,
-                                                                          context), batch)
+    mine = roofline(bandwidth, weights, method.kv_bytes_read(model.config, batch, context, dtype_bytes))
+    mha = roofline(bandwidth, weight_bytes_per_step(model), baseline.kv_bytes_read(model.config, batch, context,
+                                                                                   dtype_bytes))
     mine["context_tokens"] = context
     return {"roofline": mine, "roofline_predicted_speedup_vs_mha": mha["time_ms"] / mine["time_ms"]}

@@ -1,22 +1,28 @@
-"""The one interface every attention method implements.
+"""The one interface every attention method implements; runners, the bench and the report use nothing else.
 
 A method is a dataclass whose fields are its paper's hyperparameters (validated in `__post_init__`, so bad values
-fail before any model loads) plus up to five hooks:
+fail before any model loads). Every hook has a default, so a method overrides only what it changes:
 
-- `check_shape(config)`: checks against the model's shape from its config alone (no weights), so `run.py`
-  rejects e.g. more clusters than heads before the model loads; `prepare` runs the same checks on the real model.
-- `prepare(model, context)`: checks against the model's shape and loads what it needs offline (calibration).
-- `attention(module, query, key, value, mask, scaling, ...)`: registered under the method's name through
-  transformers' `AttentionInterface`, with a boolean causal mask through `AttentionMaskInterface`.
-- `cache_layer(layer_idx, config)`: a transformers cache layer; a method that stores less K or V returns its own.
-- `kv_bytes_per_token(config, dtype_bytes)`: the analytic K,V bytes one token of context costs (batch 1).
+| hook | default | used by |
+|---|---|---|
+| `check_shape(config)` | no constraint | preflight: settings against the model's config, no weights |
+| `prepare(model, context)` | nothing | every runner, once the model is loaded (offline artifacts) |
+| `attention(module, q, k, v, mask, scaling, ...)` | required when `custom_attention` | transformers' `AttentionInterface` |
+| `mask_function()` | boolean causal mask | transformers' `AttentionMaskInterface` (a method may hide evicted tokens) |
+| `cache_layer(layer_idx, config)` | `DynamicLayer` | the dynamic cache (`make_cache`): a method that stores less returns its own |
+| `static_cache(model, batch, max_len)` | None (no static path) | bench `method_static`: preallocated, capturable decode step |
+| `kv_bytes(config, batch, tokens, dtype_bytes)` | every K and V head | K,V bytes held for `batch` requests of `tokens` tokens (analytic) |
+| `kv_bytes_read(config, batch, context, dtype_bytes)` | = `kv_bytes` | bytes one decode step reads (the roofline) |
+| `run_stats()` | `RunStats()` | counters for the record: clustering time, decode kernel settings |
+| `label`, `order`, `color`, `variant(settings)` | the name | how tables and figures show the method (stored in records) |
+| `describe()` | {} | free-form facts for the record (chosen clusters, ...) |
 
 `with method.applied(model):` switches the model to the method and always switches it back: after the block the
-model computes exactly what it did before (a test checks this). Runners only ever talk to this interface.
+model computes exactly what it did before (a test checks this).
 """
 
 import contextlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
 from transformers.cache_utils import Cache, DynamicLayer
@@ -36,10 +42,24 @@ class RunContext:
 
 
 @dataclass
+class RunStats:
+    """What a method measured about itself while it ran (cumulative since it was built)."""
+
+    clustering_s: float = 0.0  # seconds spent deciding memberships (synchronised on the device)
+    clustering_calls: int = 0
+    decode_kernel: dict | None = None  # launch settings of a custom decode kernel: part of a bench cell's identity
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
 class Method:
     name: ClassVar[str] = "base"
     # False: the model keeps its own attention implementation (MHA).
     custom_attention: ClassVar[bool] = True
+    # Display metadata: tables and figures read these from the records (`display()`), never from a list of names.
+    label: ClassVar[str] = ""  # e.g. "CHAI"; empty: the name
+    order: ClassVar[int] = 50  # rows and legends sort by it (the baseline first)
+    color: ClassVar[str | None] = None  # a matplotlib colour, or None for the next free one
 
     def check_shape(self, config) -> None:
         """Check the settings against a model's shape. `config`: a transformers config, or any object with its
@@ -52,6 +72,10 @@ class Method:
     def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         raise NotImplementedError
 
+    def mask_function(self):
+        """The mask function registered beside `attention` (transformers' mask-interface signature)."""
+        return bool_causal_mask
+
     def cache_layer(self, layer_idx: int, config):
         return DynamicLayer()
 
@@ -59,11 +83,47 @@ class Method:
         shape = AttnShape.of(model.config)
         return Cache(layers=[self.cache_layer(i, model.config) for i in range(shape.layers)])
 
-    def kv_bytes_per_token(self, config, dtype_bytes: int) -> dict:
-        return AttnShape.of(config).dense_kv_bytes_per_token(dtype_bytes)
+    def static_cache(self, model, batch_size: int, max_cache_len: int) -> Cache | None:
+        """A preallocated cache whose decode step can be captured (no host sync, tensors written in place,
+        `reset()` empties it in place; K in `layer.keys`, V in `layer.values`). None: the method has no static path."""
+        return None
+
+    def has_static_cache(self) -> bool:
+        return type(self).static_cache is not Method.static_cache
+
+    def kv_bytes(self, config, batch: int, tokens: int, dtype_bytes: int) -> dict:
+        """{"k", "v"}: bytes the cache holds for `batch` requests of `tokens` tokens each. Default: every head."""
+        per_token = AttnShape.of(config).dense_kv_bytes_per_token(dtype_bytes)
+        return {name: batch * tokens * value for name, value in per_token.items()}
+
+    def kv_bytes_read(self, config, batch: int, context: float, dtype_bytes: int) -> dict:
+        """{"k", "v"}: bytes one decode step reads from the cache at `context` cached tokens. Default: all it holds."""
+        return self.kv_bytes(config, batch, context, dtype_bytes)
+
+    def kv_bytes_per_token(self, config, dtype_bytes: int, tokens: int = 1024) -> dict:
+        """Bytes held per token of context at batch 1, over a `tokens`-token request (exact for a cache that grows
+        linearly; an average for one that evicts)."""
+        held = self.kv_bytes(config, 1, tokens, dtype_bytes)
+        return {name: value / tokens for name, value in held.items()}
+
+    def run_stats(self) -> RunStats:
+        return RunStats()
+
+    @classmethod
+    def variant(cls, settings: dict) -> str:
+        """The setting that tells this method's rows apart in a table ('30%', '8x'); '' for none."""
+        return ""
+
+    @classmethod
+    def display(cls, settings: dict) -> dict:
+        """How the report shows a run of this method with `settings` (stored in every record)."""
+        label = cls.label or cls.name
+        suffix = cls.variant(settings)
+        return {"label": f"{label} {suffix}" if suffix else label, "family": label, "order": cls.order,
+                "color": cls.color}
 
     def describe(self) -> dict:
-        """Method-specific facts for the run record (chosen clusters, clustering time, ...)."""
+        """Method-specific facts for the run record (chosen clusters, ...)."""
         return {}
 
     def settings(self) -> dict:
@@ -85,7 +145,7 @@ class Method:
         previous = model.config._attn_implementation
         if self.custom_attention:
             AttentionInterface.register(self.name, self.attention)
-            AttentionMaskInterface.register(self.name, bool_causal_mask)
+            AttentionMaskInterface.register(self.name, self.mask_function())
             model.set_attn_implementation(self.name)
         try:
             self.on_apply(model)  # inside the try: a failure half-way through is undone too

@@ -8,7 +8,7 @@ every input. It is a lower bound on what the contextual predictor achieves, not 
 
 Dropped heads are really gone: while applied, each pruned layer's Q/K/V projections keep only the rows of the kept
 heads and the output projection only their input columns, so their Q/K/V are never computed, their K and V never
-stored, and the cache (and `kv_bytes_per_token`) shrinks accordingly. On grouped-query models a query head is
+stored, and the cache (and `kv_bytes`) shrinks accordingly. On grouped-query models a query head is
 dropped by its score and a KV head only when none of its query heads is kept.
 
 Parameters
@@ -105,6 +105,7 @@ class DejaVuStatic(Method):
     """Static head pruning by DejaVu's head-output norm (the paper used DejaVu's trained per-token predictor)."""
 
     name = "dejavu_static"
+    label, order, color = "DejaVu-static", 20, "tab:green"
 
     sparsity: float = 0.5
     dense_layers: int = 0
@@ -178,13 +179,18 @@ class DejaVuStatic(Method):
         )
         return to_output(out), None
 
-    def kv_bytes_per_token(self, config, dtype_bytes: int) -> dict:
-        """Kept KV heads of every layer x head_dim x dtype bytes, for K and for V (needs `prepare` first)."""
-        require(self._plans is not None, "dejavu_static: call prepare(model) before kv_bytes_per_token.")
+    def kv_bytes(self, config, batch: int, tokens: int, dtype_bytes: int) -> dict:
+        """Kept KV heads of every layer x head_dim x dtype bytes per token, for K and for V (needs `prepare`)."""
+        require(self._plans is not None, "dejavu_static: call prepare(model) before kv_bytes.")
         shape = AttnShape.of(config)
         heads = sum(len(self._plans[i].kv_heads) if i in self._plans else shape.kv_heads for i in range(shape.layers))
-        per_tensor = heads * shape.head_dim * dtype_bytes
+        per_tensor = batch * tokens * heads * shape.head_dim * dtype_bytes
         return {"k": per_tensor, "v": per_tensor}
+
+    @classmethod
+    def variant(cls, settings: dict) -> str:
+        sparsity = settings.get("sparsity")
+        return f"{sparsity * 100:.0f}%" if isinstance(sparsity, (int, float)) else ""
 
     def describe(self) -> dict:
         plans = self._plans or {}

@@ -15,6 +15,7 @@ class MHA(Method):
 
     name = "mha"
     custom_attention = False
+    label, order, color = "MHA", 0, "tab:red"
 
     def static_cache(self, model, batch_size: int, max_cache_len: int):
         """The fast decode path's cache (mode=bench): transformers' StaticCache, every K and V head preallocated

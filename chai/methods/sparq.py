@@ -128,6 +128,7 @@ class SparQ(Method):
     """SparQ attention applied row by row (see the module docstring for the algorithm and byte counts)."""
 
     name = "sparq"
+    label, order, color = "SparQ", 30, "tab:purple"
 
     compression: float | None = 8
     r: int | None = None
@@ -228,18 +229,18 @@ class SparQ(Method):
         counts = torch.stack([rows, moved.sum() * per_element, dense_elems.sum() * per_element])
         self._counts = counts if self._counts is None else self._counts + counts.to(self._counts.device)
 
-    def kv_bytes_per_token(self, config, dtype_bytes: int) -> dict:
+    def kv_bytes(self, config, batch: int, tokens: int, dtype_bytes: int) -> dict:
         """Everything stays in the cache, dense; K twice with `store_k_twice`."""
-        dense_bytes = AttnShape.of(config).dense_kv_bytes_per_token(dtype_bytes)
+        dense_bytes = super().kv_bytes(config, batch, tokens, dtype_bytes)
         return {"k": dense_bytes["k"] * (2 if self.store_k_twice else 1), "v": dense_bytes["v"]}
 
-    def kv_bytes_read(self, config, dtype_bytes: int, context: float) -> dict:
-        """K,V bytes one decode step reads at batch 1 and `context` cached tokens (for the bench's roofline):
-        r columns of K for every position + k full rows of K, k rows of V + the mean of V; dense when k >= context."""
+    def kv_bytes_read(self, config, batch: int, context: float, dtype_bytes: int) -> dict:
+        """K,V bytes one decode step reads at `context` cached tokens (for the bench's roofline): r columns of K for
+        every position + k full rows of K, k rows of V + the mean of V; dense when k >= context."""
         shape = AttnShape.of(config)
         n = torch.tensor([[[int(round(context))]]])
         k_rows, _, sparse = self.budgets(n)
-        per = shape.layers * shape.kv_heads * dtype_bytes
+        per = batch * shape.layers * shape.kv_heads * dtype_bytes
         n_, k_, d = float(n), float(k_rows), shape.head_dim
         if not bool(sparse):
             return {"k": n_ * d * per, "v": n_ * d * per}
@@ -248,6 +249,10 @@ class SparQ(Method):
 
     def cache_layer(self, layer_idx: int, config):
         return TwiceKLayer() if self.store_k_twice else DynamicLayer()
+
+    @classmethod
+    def variant(cls, settings: dict) -> str:
+        return f"{settings['compression']}x" if settings.get("compression") is not None else ""
 
     def describe(self) -> dict:
         info = {"k_rule": f"k={self.k}" if self.k is not None else f"k=round(context/(2*{self.compression}))"}

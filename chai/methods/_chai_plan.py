@@ -1,0 +1,106 @@
+"""What CHAI's cache layers and its attention function share (helpers of `chai/methods/chai.py`).
+
+`ChaiPlan` is the frozen outcome of `Chai.prepare` for one model shape: cluster counts per layer, fixed memberships
+(chai_static, random_groups) and the settings the clustered math reads. `ChaiSession` is one plan in use: the plan,
+the cross-layer handshake, and the log of what clustering did (`ClusteringLog`, kept by the method across plans).
+Both cache layers (`ChaiLayer`, `ChaiStaticLayer`) and the attention function are given the session; none of them
+reads the method.
+"""
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import torch
+
+from chai.attention import AttnShape
+from chai.clustering import Membership
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: memberships hold tensors, a plan is compared by identity
+class ChaiPlan:
+    shape: AttnShape
+    counts: tuple[int | None, ...]  # clusters per layer; None: the layer runs dense (MHA)
+    fixed: Mapping[int, Membership] | None  # static/random: one-request membership per clustered layer; online: None
+    membership: str  # online | static | random
+    source: str  # where the counts came from (for the record): "method.num_clusters", "preset ...", ...
+    membership_tokens: int  # m: the first m tokens decide an online membership
+    share_values: bool  # CHAI-QKV: members also read the representative's V, only the kept V is stored
+    first_tokens: str  # dense: rows before m run as MHA | clustered
+    causal_features: bool  # clustering features: causal attention rows over the first m tokens (else full rows)
+    cluster_algo: str  # kmeans | agglomerative
+    representative: str  # first | medoid
+
+    @classmethod
+    def with_fixed(cls, fixed: dict[int, Membership] | None, **fields) -> "ChaiPlan":
+        return cls(fixed=None if fixed is None else MappingProxyType(dict(fixed)), **fields)
+
+    def is_clustered(self, layer: int) -> bool:
+        return self.counts[layer] is not None
+
+    def fixed_membership(self, layer: int, batch: int) -> Membership:
+        """The fixed membership of `layer` for every request of a batch: labels [B, H], reps [B, C], ..."""
+        return self.fixed[layer].index(torch.zeros(batch, dtype=torch.long))
+
+    def kept_k_heads(self, layer: int) -> int:
+        """KV heads whose K a layer stores: every one in a dense layer, the exact count with a fixed membership."""
+        count, kv = self.counts[layer], self.shape.kv_heads
+        if count is None:
+            return kv
+        if self.fixed is not None:
+            return self.fixed[layer].kept_kv()[0]
+        return min(count, kv)  # GQA: an upper bound; the measured bytes say what the membership kept
+
+    def example_memberships(self, found: dict[int, Membership]) -> list[tuple[int, Membership]]:
+        """(layer, membership) pairs for the record: the fixed ones, else those the last forwards found."""
+        return sorted((self.fixed or found).items())
+
+
+@dataclass
+class ClusteringLog:
+    """What online clustering did since the method was built (the method's `run_stats` and `describe`)."""
+
+    seconds: float = 0.0  # synchronised on the device
+    calls: int = 0
+    last: dict[int, Membership] = field(default_factory=dict)  # layer -> the latest membership found
+
+    def record(self, layer: int, membership: Membership, started: float) -> None:
+        if membership.labels.is_cuda:
+            torch.cuda.synchronize(membership.labels.device)
+        self.seconds += time.perf_counter() - started
+        self.calls += 1
+        self.last[layer] = membership
+
+
+class ChaiSession:
+    """One plan in use by a model's caches and attention calls.
+
+    Why a handshake: transformers updates the cache inside the attention module *before* it calls the attention
+    function, and passes the function only the tensors `update` returned, not the cache layer. A CHAI layer whose
+    keys are compact (or still waiting for m tokens) must be found again, so `update` announces itself here under
+    its layer index and the attention function of that layer takes it (`take_updated`). Nothing announced (a plain
+    DynamicCache, use_cache=False) means K and V arrived with every head and the membership lives for this forward.
+    """
+
+    def __init__(self, plan: ChaiPlan, log: ClusteringLog):
+        self.plan, self.log = plan, log
+        self._updated: dict[int, object] = {}  # layer index -> the cache layer updated last for it
+        self._mask_seen, self._mask_full = None, True
+
+    def announce(self, layer_idx: int, layer) -> None:
+        self._updated[layer_idx] = layer
+
+    def take_updated(self, layer_idx: int, key: torch.Tensor):
+        """The cache layer that returned `key` for this layer, or None (no CHAI cache, or a stale announcement:
+        that cache was updated without this attention function running)."""
+        layer = self._updated.pop(layer_idx, None)
+        return layer if layer is not None and layer.returned is key else None
+
+    def mask_is_full(self, mask: torch.Tensor | None) -> bool:
+        """Whether a decode mask attends everywhere (one host sync per forward: every layer gets the same mask)."""
+        if mask is None:
+            return True
+        if mask is not self._mask_seen:
+            self._mask_seen, self._mask_full = mask, bool(mask.all())
+        return self._mask_full
