@@ -8,8 +8,10 @@ after the cache update, boolean `mask` [B, 1, Tq, Tk] with True = attend, and an
 from dataclasses import dataclass
 
 import torch
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import sdpa_mask
+
+# transformers' SDPA forward and mask builder are imported where they are called: importing them pulls in
+# torch._dynamo (~10 s on a loaded 2-core machine), and run.py's bad-input checks import the methods (which import
+# this module) before any model exists.
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,8 @@ class AttnShape:
 def bool_causal_mask(*args, **kwargs):
     """Mask function for custom attention names: always a boolean [B, 1, Tq, Tk] mask (True = attend), never the
     `None` + is_causal shortcut, because our functions slice rows and need the mask explicitly."""
+    from transformers.masking_utils import sdpa_mask
+
     kwargs["allow_is_causal_skip"] = False
     return sdpa_mask(*args, **kwargs)
 
@@ -69,6 +73,8 @@ def attention_probs(query, key, mask, scaling) -> torch.Tensor:
 def dense(module, query, key, value, mask, scaling, dropout=0.0, **kwargs):
     """Plain multi-head attention through transformers' SDPA path (what MHA runs), for layers a method leaves
     alone."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
     return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
