@@ -121,9 +121,9 @@ def agglomerative(features: torch.Tensor, k: int) -> torch.Tensor:
     with fewer distinct points than k gets fewer clusters, as K-Means gives it)."""
     from sklearn.cluster import AgglomerativeClustering
 
-    dist = cosine_distances(features).cpu().numpy()
+    dist = cosine_distances(features.detach()).cpu().numpy()  # outside no_grad too
     out = []
-    for row, points in zip(dist, features.cpu()):
+    for row, points in zip(dist, features.detach().cpu()):
         # Exact duplicate heads share a cluster, as in K-Means: at most as many clusters as distinct heads.
         distinct = torch.unique(points, dim=0).shape[0]
         if min(k, distinct) == row.shape[0]:

@@ -1,6 +1,7 @@
 """CHAI's claims on tiny random models (Llama, OPT, and a grouped-query Llama), offline, CPU, float32."""
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -45,13 +46,13 @@ def test_clusters_equal_heads_is_mha(tiny_model):
     ref = logits(model, ids)
     dense = chai(num_clusters=heads)  # by default such layers run dense: no clustering at all
     torch.testing.assert_close(logits(model, ids, dense), ref, rtol=0, atol=1e-5)
-    assert set(dense.describe()["clusters_per_layer"]) == {"dense"} and dense.describe()["clustering_calls"] == 0
+    assert set(dense.describe()["clusters_per_layer"]) == {"dense"} and dense.run_stats().clustering_calls == 0
     method = chai(num_clusters=heads)
     method.full_layers_dense = False  # here: the clustered path itself, at its no-op setting
     torch.testing.assert_close(logits(model, ids, method), ref, rtol=0, atol=1e-5)
     cache = method.make_cache(model)
     torch.testing.assert_close(logits(model, ids, method, cache), ref, rtol=0, atol=1e-5)
-    assert method.describe()["clustering_calls"] > 0  # the clustered path really ran
+    assert method.run_stats().clustering_calls > 0  # the clustered path really ran
     assert kv_bytes(cache)["k"] == kv_bytes(cache)["v"]
     # the same check can fail: fewer clusters change the logits, but not the first m rows (plain MHA)
     fewer = logits(model, ids, chai(num_clusters=2))
@@ -77,7 +78,7 @@ def test_greedy_generation_equals_full_recompute(any_model, prompt_len):
     full = logits(model, ids, method)
     torch.testing.assert_close(torch.stack(steps, 1), full[:, prompt_len - 1 : -1], rtol=0, atol=1e-4)
     for idx, layer in enumerate(cache.layers):
-        assert torch.equal(layer.membership.labels, method._last[idx].labels)
+        assert torch.equal(layer.membership.labels, method.last_memberships[idx].labels)
     shape = AttnShape.of(model.config)
     kept = sum(layer.membership.kept_kv()[0] for layer in cache.layers)
     assert kv_bytes(cache)["k"] == kept * ids.shape[1] * shape.head_dim * 4  # every fed token, fewer heads
@@ -145,7 +146,7 @@ def test_batch_of_three_prompts_equals_each_alone(any_model, algo):
         method = chai(num_clusters=3, cluster_algo=algo)
         together = logits(model, batch, method, method.make_cache(model) if use_cache else None)
         if not use_cache:
-            groups = [method._last[0].groups(row) for row in range(3)]
+            groups = [method.last_memberships[0].groups(row) for row in range(3)]
             assert groups[0] != groups[1]  # per-request memberships
         for row, p in enumerate(prompts):
             alone = logits(model, p[None], method, method.make_cache(model) if use_cache else None)
@@ -173,7 +174,7 @@ def test_identical_heads_land_in_one_cluster(tiny_llama, algo):
     for k in (2, 4, 7):
         method = chai(num_clusters=k, cluster_algo=algo)
         logits(model, ids, method)
-        for m in method._last.values():
+        for m in method.last_memberships.values():
             assert torch.equal(m.labels[:, 1], m.labels[:, 6]), (algo, k)
 
 
@@ -229,7 +230,7 @@ def test_presets_match_their_models():
         assert len(preset["layers"]) == config.num_hidden_layers, name
         assert max(preset["layers"]) <= config.num_attention_heads, name
         method = chai(layer_clusters=name)
-        method._setup(config)  # no weights needed
+        method.prepare(SimpleNamespace(config=config))  # the config is all it reads: no weights
         heads = config.num_attention_heads
         assert method.describe()["clusters_per_layer"] == ["dense" if c == heads else c for c in preset["layers"]]
 
@@ -254,7 +255,7 @@ def test_variants_random_groups_and_qkv(tiny_llama):
     logits(model, ids, rand, cache)
     groups = rand.describe()["example_groups"]
     assert [len(groups[str(layer)]) for layer in range(3)] == [2, 3, 4]
-    assert rand.describe()["clustering_calls"] == 0
+    assert rand.run_stats().clustering_calls == 0
     assert kv_bytes(cache)["k"] == 9 * 12 * 8 * 4
     other = chai(name="random_groups", layer_clusters=[2, 3, 4], seed=2)
     other.prepare(model)

@@ -16,7 +16,7 @@ from chai.attention import kv_bytes
 from chai.cli import run_mode
 from chai.errors import ChaiError
 from chai.methods import build_method
-from chai.methods._chai_static import clustered_rows
+from chai.methods._chai_attention import clustered_rows
 from chai.methods.chai import ChaiLayer
 from tests.conftest import random_ids
 from tests.test_bench import bench_cfg, cells, eager_capture

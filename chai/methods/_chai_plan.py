@@ -1,10 +1,10 @@
 """What CHAI's cache layers and its attention function share (helpers of `chai/methods/chai.py`).
 
-`ChaiPlan` is the frozen outcome of `Chai.prepare` for one model shape: cluster counts per layer, fixed memberships
-(chai_static, random_groups) and the settings the clustered math reads. `ChaiSession` is one plan in use: the plan,
-the cross-layer handshake, and the log of what clustering did (`ClusteringLog`, kept by the method across plans).
-Both cache layers (`ChaiLayer`, `ChaiStaticLayer`) and the attention function are given the session; none of them
-reads the method.
+`ChaiPlan` is what `Chai.prepare` (or the first use without it) decides for one model shape: cluster counts per
+layer, fixed memberships (chai_static, random_groups) and the settings the clustered math reads. `ChaiSession` is
+one plan in use: the plan, the cross-layer handshake, and the log of what clustering did (`ClusteringLog`, kept by
+the method across plans). Both cache layers (`ChaiLayer`, `ChaiStaticLayer`) and the attention function are given
+the session; none of them reads the method.
 """
 
 import time
@@ -20,6 +20,9 @@ from chai.clustering import Membership
 
 @dataclass(frozen=True, eq=False)  # eq=False: memberships hold tensors, a plan is compared by identity
 class ChaiPlan:
+    """What CHAI runs with on one model shape (`Chai.make_plan`): fixed once made, a function of the settings, the
+    shape and the calibration artifact only."""
+
     shape: AttnShape
     counts: tuple[int | None, ...]  # clusters per layer; None: the layer runs dense (MHA)
     fixed: Mapping[int, Membership] | None  # static/random: one-request membership per clustered layer; online: None
@@ -32,9 +35,9 @@ class ChaiPlan:
     cluster_algo: str  # kmeans | agglomerative
     representative: str  # first | medoid
 
-    @classmethod
-    def with_fixed(cls, fixed: dict[int, Membership] | None, **fields) -> "ChaiPlan":
-        return cls(fixed=None if fixed is None else MappingProxyType(dict(fixed)), **fields)
+    def __post_init__(self):
+        if self.fixed is not None:  # a read-only view: nothing changes a plan once it is made
+            object.__setattr__(self, "fixed", MappingProxyType(dict(self.fixed)))
 
     def is_clustered(self, layer: int) -> bool:
         return self.counts[layer] is not None
@@ -66,6 +69,7 @@ class ClusteringLog:
     last: dict[int, Membership] = field(default_factory=dict)  # layer -> the latest membership found
 
     def record(self, layer: int, membership: Membership, started: float) -> None:
+        """One clustering of `layer`, begun at `started` (time.perf_counter), timed once the device has finished."""
         if membership.labels.is_cuda:
             torch.cuda.synchronize(membership.labels.device)
         self.seconds += time.perf_counter() - started

@@ -105,7 +105,7 @@ class Chai(Method):
 
     def prepare(self, model, context: RunContext | None = None) -> None:
         if self._needs_artifact():
-            from chai.calibrate import load_or_calibrate
+            from chai.calibration import load_or_calibrate
 
             self._artifact = load_or_calibrate(model, context)
         self._session = ChaiSession(self.make_plan(model.config), self._log)
@@ -147,8 +147,8 @@ class Chai(Method):
         counts = tuple(None if layer < self.first_clustered_layer or (self.full_layers_dense and c == shape.heads)
                        else c for layer, c in enumerate(raw))
         fixed = self._fixed_memberships(shape, counts) if self.membership != "online" else None
-        return ChaiPlan.with_fixed(
-            fixed, shape=shape, counts=counts, membership=self.membership, source=source,
+        return ChaiPlan(
+            shape=shape, counts=counts, fixed=fixed, membership=self.membership, source=source,
             membership_tokens=self.membership_tokens, share_values=self.share_values, first_tokens=self.first_tokens,
             causal_features=self.causal_features, cluster_algo=self.cluster_algo, representative=self.representative)
 
@@ -271,7 +271,7 @@ class ChaiQKV(Chai):
     the representatives."""
 
     name = "chai_qkv"
-    label, order, color = "CHAI-QKV", 14, "tab:olive"
+    label, order, color = "CHAI-QKV", 11, "tab:olive"  # before CHAI-static: the order of Table 2
     share_values: bool = True
 
 
