@@ -2,31 +2,22 @@
 what happened in a few lines (one summary per run, one table at the end of a multirun)."""
 
 import contextlib
-import importlib
 import logging
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
-from chai.errors import ChaiError
 from chai.config import offline_hub
 from chai.paths import results_dir
-from chai.records import TIME_FORMAT, append_jsonl, mirror_to_wandb, new_record, read_jsonl, run_key
-
-MODE_RUNNERS = {"eval": "chai.evaluate", "calibrate": "chai.calibrate", "bench": "chai.bench", "membership": "chai.membership"}
+from chai.records import TIME_FORMAT, already_recorded, append_jsonl, mirror_to_wandb, read_jsonl, record_key, run_key
 
 
 def runs_path(cfg):
     return results_dir(cfg.results_dir) / cfg.experiment_name / "runs.jsonl"
-
-
-def already_recorded(path, key: str) -> bool:
-    return any(r.get("run_key") == key and not r.get("error") for r in read_jsonl(path))
 
 
 def quiet_libraries() -> None:
@@ -44,25 +35,25 @@ def quiet_libraries() -> None:
 
 
 def run_mode(cfg, overrides: list[str], in_sweep: bool = False) -> dict | None:
-    """Run one cell. A finished cell with the same settings is skipped (`resume=true`); a failing cell is written
-    as a record with `error` so a sweep goes on; alone, a bad-input error ends the run with its one line."""
+    """Run one cell through the mode's runner (chai.runners.RUNNERS). A finished cell with the same settings is
+    skipped (`resume=true`; a bench grid resumes cell by cell instead); a failing cell is written as a record with
+    `error` so a sweep goes on; alone, a bad-input error ends the run with its one line."""
+    # torch, transformers and lm-eval come with the runners: imported here, once the input is known good.
+    from chai.runners import RESUMED_AS_A_WHOLE, RUNNERS
+    from chai.runners.record import failure, start
+
     config = OmegaConf.to_container(cfg, resolve=True)
     path = runs_path(cfg)
-    # A bench run always runs: its cells resume one by one, keyed by what a run's key cannot see (device, the
-    # static step as resolved, kernel launch settings).
-    if cfg.resume and cfg.mode != "bench" and already_recorded(path, run_key(config)):
+    if cfg.resume and cfg.mode in RESUMED_AS_A_WHOLE and already_recorded(path, config):
         print(f"skip: {cfg.method.name}/{cfg.model.name}/{cfg.task.name} already recorded in {path}")
         return None
     quiet_libraries()
-    record = new_record(config, overrides, cfg.mode)
-    record["results_path"] = str(path)
+    record = start(config, overrides, cfg.mode, path)
     try:
         with offline_hub() if cfg.offline else contextlib.nullcontext():
-            record.update(importlib.import_module(MODE_RUNNERS[cfg.mode]).run(cfg, record))
+            record.update(RUNNERS[cfg.mode](cfg, record))
     except Exception as err:  # noqa: BLE001 - a failure is a recorded row, not a lost sweep
-        record["error"] = f"{type(err).__name__}: {err}"
-        if not isinstance(err, ChaiError):
-            record["traceback"] = traceback.format_exc()
+        record.update(failure(err))
         append_jsonl(path, record)
         if in_sweep:
             print(f"failed (recorded): {record['error']}", file=sys.stderr)
@@ -172,7 +163,7 @@ def own_settings(records: list[dict]) -> list[str]:
 def sweep_table(records: list[dict], metric: str = "acc") -> list[str]:
     """One row per eval job: accuracy ± standard error (%), the difference from the MHA job with otherwise equal
     settings (points), K,V bytes per token (measured; % of MHA) and the scoring wall time."""
-    mha = {r["run_key"]: r for r in records if r["method"] == "mha" and not r.get("error")}
+    mha = {record_key(r): r for r in records if r["method"] == "mha" and not r.get("error")}
     varying = [k for k in ("model", "task") if len({r[k] for r in records}) > 1]
     settings = own_settings(records)
     rows = [("method", *varying, *(("settings",) if any(settings) else ()), f"{metric} (%)", "vs MHA (points)",
@@ -200,7 +191,7 @@ def job_records(sweep_dir: Path, output_subdir: str) -> list[dict | None]:
         config = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
         records = read_jsonl(results_dir(config["results_dir"]) / config["experiment_name"] / "runs.jsonl")
         key = run_key(config)
-        found.append(next((r for r in reversed(records) if r.get("run_key") == key), None))
+        found.append(next((r for r in reversed(records) if record_key(r) == key), None))
     return found
 
 

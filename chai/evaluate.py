@@ -1,4 +1,4 @@
-"""mode=eval: score a model + method zero-shot with lm-eval and record the run.
+"""Scoring for mode=eval (the runner: chai/runners/eval.py): a model + method zero-shot with lm-eval.
 
 The model is built once, wrapped in lm-eval's `HFLM`, and scored by `simple_evaluate` inside
 `method.applied(model)`: no scoring code of our own. The record also carries the K,V bytes one token of context
@@ -15,7 +15,6 @@ from lm_eval.models.huggingface import HFLM
 
 from chai.attention import kv_bytes
 from chai.bench import CACHE_ARG
-from chai.errors import ChaiError
 from chai.paths import data_dir
 
 PROBE_FALLBACK = "The quick brown fox jumps over the lazy dog. " * 64
@@ -66,10 +65,14 @@ def measure_kv_bytes_per_token(model, method, input_ids: torch.Tensor) -> dict:
 
 
 def kv_record(model, method, tokenizer, cfg) -> dict:
+    """K,V bytes per token of context at the probe prompt's length: analytic (the method's `kv_bytes`) and measured
+    from a cache the probe filled. Equal for a cache that grows linearly; for one that evicts, both are the average
+    over the same prompt."""
     dtype_bytes = torch.finfo(model.dtype).bits // 8
-    analytic = method.kv_bytes_per_token(model.config, dtype_bytes)
+    ids = probe_ids(tokenizer, cfg.eval.kv_probe_tokens, cfg.data_dir)
+    analytic = method.kv_bytes_per_token(model.config, dtype_bytes, tokens=ids.shape[1])
     analytic["total"] = analytic["k"] + analytic["v"]
-    measured = measure_kv_bytes_per_token(model, method, probe_ids(tokenizer, cfg.eval.kv_probe_tokens, cfg.data_dir))
+    measured = measure_kv_bytes_per_token(model, method, ids)
     return {"analytic": analytic, "measured": measured, "probe_tokens": int(cfg.eval.kv_probe_tokens)}
 
 
@@ -96,8 +99,6 @@ def write_samples(folder: Path, run_id: str, samples: list[dict]) -> Path:
 
 def evaluate(model, tokenizer, method, task_manager, task_name: str, cfg) -> dict:
     """Score `task_name` with lm-eval under `method`; returns the measurement part of a record."""
-    if tokenizer is None:
-        raise ChaiError(f"model '{cfg.model.name}' has no tokenizer offline: set model.tokenizer=smollm2 or a path.")
     lm = CountingHFLM(
         pretrained=model, tokenizer=tokenizer, batch_size=cfg.eval.batch_size, max_length=cfg.eval.max_length
     )
@@ -126,24 +127,3 @@ def evaluate(model, tokenizer, method, task_manager, task_name: str, cfg) -> dic
         "lm_eval_config": results.get("configs", {}).get(task_name),
     }
 
-
-def run(cfg, record: dict) -> dict:
-    """mode=eval entry: build the method first (bad settings fail before any model loads), then load, score,
-    measure K,V bytes and write the per-sample outputs beside runs.jsonl."""
-    from chai.methods import RunContext, build_method
-    from chai.models import load_model
-    from chai.tasks import task_manager
-
-    method = build_method(cfg.method)
-    manager, task_name, source = task_manager(cfg.task, cfg.data_dir)
-    model, tokenizer = load_model(cfg.model, cfg.device, cfg.seed)
-    method.prepare(model, RunContext(cfg, tokenizer, cfg.model.name, cfg.data_dir, cfg.results_dir))
-    scored = evaluate(model, tokenizer, method, manager, task_name, cfg)
-    samples = scored.pop("samples")
-    folder = Path(record["results_path"]).parent / "samples"
-    scored["samples_path"] = str(write_samples(folder, record["run_id"], samples))
-    scored["task_source"] = source
-    scored["kv_bytes_per_token"] = kv_record(model, method, tokenizer, cfg)
-    scored["method_info"] = method.describe()
-    scored["dtype"] = str(model.dtype).replace("torch.", "")
-    return scored

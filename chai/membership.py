@@ -1,9 +1,9 @@
-"""mode=membership: how often CHAI's cluster membership changes when it is decided after t = 1, 2, ... T tokens
-(paper Fig. 9, T = 20).
+"""The measurement behind mode=membership (its runner: chai/runners/membership.py): how often CHAI's cluster
+membership changes when it is decided after t = 1, 2, ... T tokens (paper Fig. 9, T = 20).
 
 CHAI (Agarwal et al., ICML 2024, Sec. 4.3) decides each request's head clusters from the attention scores of its
 first few tokens and keeps them for the rest of the request; the paper picks 5 tokens because later tokens rarely
-move a head. This runner measures that claim: on `n_docs` documents of the calibration corpus it captures every
+move a head. This measures that claim: on `n_docs` documents of the calibration corpus it captures every
 layer's causal attention probabilities over the first T tokens (with its own attention function registered through
 transformers' `AttentionInterface`, no module patching), clusters each layer's heads from the first t tokens with
 `chai.clustering.cluster_heads` (features: the flattened lower triangle of P[:t, :t], what CHAI clusters), and
@@ -18,26 +18,19 @@ Per-layer curves are kept too. Cluster counts are the calibrated per-layer ones 
 
 import contextlib
 import json
-import time
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from scipy.optimize import linear_sum_assignment
 
 from chai.attention import AttnShape, attention_probs, dense, repeat_heads
 from chai.clustering import causal_features
-from chai.errors import ChaiError, require
+from chai.errors import require
 from chai.methods.base import Method
-from chai.paths import CONF_DIR, data_file, results_dir
+from chai.calibration import artifact_path
+from chai.paths import data_file
 
 PROBE = "chai_membership_probe"
-
-
-def settings_of(cfg):
-    """`cfg.membership`, or the group's default file while the primary config does not list the group yet."""
-    found = cfg.get("membership")
-    return found if found is not None else OmegaConf.load(CONF_DIR / "membership" / "default.yaml")
 
 
 class _ProbsProbe(Method):
@@ -107,7 +100,7 @@ def cluster_counts(cfg, settings, shape: AttnShape) -> list[int]:
         k = int(settings.num_clusters)
         require(1 <= k <= shape.heads, f"membership.num_clusters={k}: use 1..{shape.heads} ({cfg.model.name}).")
         return [k] * shape.layers
-    path = results_dir(cfg.results_dir) / "calibration" / f"{cfg.model.name}.json"
+    path = artifact_path(cfg.results_dir, cfg.model.name)
     require(
         path.exists(),
         f"no calibration at {path}: run `python run.py mode=calibrate model={cfg.model.name}` first, "
@@ -163,25 +156,3 @@ def measure(model, ids: torch.Tensor, counts: list[int], settings, cluster_fn) -
         "features": "causal attention probabilities of the first t tokens, flattened",
     }
 
-
-def run(cfg, record: dict) -> dict:
-    """mode=membership entry: check the settings, load the model, measure, record."""
-    from chai.clustering import cluster_heads
-    from chai.models import load_model
-
-    settings = settings_of(cfg)
-    require(settings.max_tokens >= 2, "membership.max_tokens must be at least 2.")
-    model, tokenizer = load_model(cfg.model, cfg.device, cfg.seed)
-    if tokenizer is None:
-        raise ChaiError(f"model '{cfg.model.name}' has no tokenizer offline: set model.tokenizer=smollm2 or a path.")
-    counts = cluster_counts(cfg, settings, AttnShape.of(model.config))
-    started = time.perf_counter()
-    ids = corpus_ids(tokenizer, settings, cfg)
-    found = measure(model, ids, counts, settings, cluster_heads)
-    found["corpus"] = settings.corpus or cfg.calibration.corpus
-    return {
-        "membership": found,
-        "n_examples": found["n_docs"],
-        "timing": {"wall_s": time.perf_counter() - started},
-        "dtype": str(model.dtype).replace("torch.", ""),
-    }

@@ -1,13 +1,15 @@
-"""Where a decode step's time goes: the kernels of one captured (CUDA graph) decode step of each static path, from
-torch.profiler, summed per kernel name. Run on the GPU machine from the repository root (hydra importable):
+"""Where a decode step's time goes: the kernels of one decode round of a bench path, from torch.profiler, summed per
+kernel name. The path is set up exactly as mode=bench sets it up (chai.runners: setup, plan, Decoder); only the
+profiler is added. Run on the GPU machine from the repository root (hydra importable):
 
     PYTHONPATH=/tmp/site:. python scripts/gpu_profile_step.py --batch 8 --seq 2048 \
         --run mha: --run chai_jul:method=chai,method.layer_clusters=llama7b_jul2024 > "$OUT/profile.txt"
 
-Each --run is NAME:OVERRIDES (comma-separated Hydra overrides of conf/config.yaml; empty = the MHA baseline). Prints,
-per run, the step's kernel count, the summed kernel time per step, and the kernels taking most of it. With
---compile, the MHA baseline's step is also timed compiled (inductor, reduce-overhead) next to the CUDA graph; with
---dynamic, the method's dynamic cache is profiled instead (eager steps, host time included).
+Each --run is NAME:OVERRIDES (comma-separated Hydra overrides of conf/config.yaml; empty = the MHA baseline). A run
+profiles its static path (`static_compiled` for MHA, `method_static` for a method) with the step captured as a CUDA
+graph; with --compile the MHA baseline's step is also profiled compiled (inductor, reduce-overhead); with --dynamic
+the dynamic-cache path instead (`sdpa` / `method`: eager steps, host time included). Prints, per run, TTNT, the
+step's kernel count, the summed kernel time per step, and the kernels taking most of it.
 """
 
 import argparse
@@ -17,15 +19,18 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from chai import bench
-from chai.methods import RunContext, build_method
-from chai.roofline import Clock, percentiles
+from chai.methods import build_method
+from chai.roofline import Allocator, Clock, percentiles
+from chai.runners.bench import plan, prompt_ids
+from chai.runners.bench_measure import Decoder, set_attn
+from chai.runners.setup import setup
 
 
-def config(overrides: list[str], model: str):
+def config(overrides: list[str], args):
     conf = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(str(conf), version_base="1.3"):
-        return compose("config", [f"model={model}", "model.init=random", "mode=bench", *overrides])
+        return compose("config", [f"model={args.model}", "model.init=random", "mode=bench",
+                                  f"bench.new_tokens={args.steps}", *overrides])
 
 
 def kernel_table(prof, steps: int, top: int) -> str:
@@ -41,46 +46,42 @@ def kernel_table(prof, steps: int, top: int) -> str:
     return "\n".join(lines)
 
 
-def profile_run(name, overrides, args, model, ids):
-    cfg = config(overrides, args.model)
-    method = build_method(cfg.method)
-    method.prepare(model, RunContext(cfg, None, cfg.model.name, cfg.data_dir, cfg.results_dir))
-    graph = "cudagraph" if model.device.type == "cuda" else "eager"  # eager: rehearsing on a CPU
-    kinds = [graph] + (["compile"] if args.compile and cfg.method.name == "mha" else [])
-    kinds = ["dynamic"] if args.dynamic else kinds
-    cfg.bench.new_tokens = args.steps + 4  # make_step warms up on up to 2 of the cache's spare slots
-    for kind in kinds:
-        with torch.no_grad(), method.applied(model):
-            if kind == "dynamic":  # the method's own cache, eager steps (the bench's `method` path)
-                cache = method.make_cache(model)
-                token = bench.prefill(model, ids, cache)
-                step = bench.EagerStep(model, cache)
-            else:
-                cache = method.static_cache(model, args.batch, args.seq + args.steps + 4)
-                token = bench.prefill(model, ids, cache)
-                step = bench.make_step(kind, model, cache, token, torch.full_like(token, args.seq), cfg.bench)
-                cache.reset()
-                token = bench.prefill(model, ids, cache)
-            position = torch.full_like(token, args.seq)
-            clock = Clock(model.device)
-            ms = bench.decode_n_tokens(step, token, position, args.steps, clock)
-            print(f"== {name} [{kind}] B={args.batch} S={args.seq}: TTNT {percentiles(ms)['median']:.3f} ms",
-                  flush=True)
-            if kind == "cudagraph":  # profiled on its own round: the profiler's own cost stays out of TTNT
-                cache.reset()
-                token = bench.prefill(model, ids, cache)
-                torch.cuda.synchronize()
-                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                    bench.decode_n_tokens(step, token, position, args.steps, clock)
-                print(kernel_table(prof, args.steps, args.top), flush=True)
-            if kind == "dynamic":  # host time matters here: the CPU side of every op
-                activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-                with torch.profiler.profile(activities=activities) as prof:
-                    bench.decode_n_tokens(step, token, position + args.steps, args.steps, clock)
-                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top), flush=True)
-                print(kernel_table(prof, args.steps, args.top), flush=True)
-        del cache, step
-        torch.cuda.empty_cache()
+def profile_path(name: str, kind: str, overrides: list[str], args) -> None:
+    """Set up one path as the bench does, time one decode round, then profile another."""
+    dynamic = kind == "dynamic"
+    cfg = config(overrides, args)
+    mine = cfg.method.name != cfg.bench.baseline_method
+    path_name = ("method" if mine else "sdpa") if dynamic else ("method_static" if mine else "static_compiled")
+    cfg = config([*overrides, f"bench.paths=[{path_name}]", *([] if dynamic else [f"bench.static_step={kind}"])],
+                 args)
+    ready = setup(cfg, need_tokenizer=False, keep_model=True)  # one model for every run of this process
+    model, default_attn = ready.model, ready.model.config._attn_implementation
+    baseline = build_method({"name": cfg.bench.baseline_method})
+    baseline.prepare(model, ready.context)
+    (path,), _ = plan(cfg, ready.method, baseline, default_attn)
+    ids = prompt_ids(model, args.batch, args.seq, int(cfg.bench.input_seed))
+    clock = Clock(model.device)
+    on_gpu = model.device.type == "cuda"  # on a CPU (a rehearsal) the profiler sees the CPU side only
+    activities = ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else []) + (
+        [torch.profiler.ProfilerActivity.CPU] if dynamic or not on_gpu else [])
+    set_attn(model, path.attn)
+    try:
+        with torch.no_grad(), path.method.applied(model):
+            decoder = Decoder(path, model, ids, cfg.bench, model.device, Allocator(model.device))
+            token = decoder.prompt(clock)[0]
+            ms = decoder.decode(token, clock)
+            print(f"== {name} [{path.name}, {decoder.kind if not dynamic else 'dynamic'}] B={args.batch} "
+                  f"S={args.seq}: TTNT {percentiles(ms)['median']:.3f} ms", flush=True)
+            token = decoder.prompt(clock)[0]  # profiled on a round of its own: the profiler's cost stays out of TTNT
+            with torch.profiler.profile(activities=activities) as prof:
+                decoder.decode(token, clock)
+        if dynamic:  # host time matters here: the CPU side of every op
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top), flush=True)
+        print(kernel_table(prof, args.steps, args.top), flush=True)
+    finally:
+        set_attn(model, default_attn)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def main():
@@ -91,15 +92,17 @@ def main():
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--top", type=int, default=18)
     parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--dynamic", action="store_true", help="the method's dynamic cache, eager steps")
+    parser.add_argument("--dynamic", action="store_true", help="the dynamic-cache path, eager steps")
     parser.add_argument("--run", action="append", default=[], help="NAME:OVERRIDES")
     args = parser.parse_args()
-    model = bench.load(config([], args.model))
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=generator).to(model.device)
+    graph = "cudagraph" if torch.cuda.is_available() else "eager"  # eager: rehearsing on a CPU
     for spec in args.run or ["mha:"]:
-        name, _, overrides = spec.partition(":")
-        profile_run(name, [o for o in overrides.split(",") if o], args, model, ids)
+        name, _, joined = spec.partition(":")
+        overrides = [o for o in joined.split(",") if o]
+        is_mha = config(overrides, args).method.name == "mha"
+        kinds = ["dynamic"] if args.dynamic else [graph] + (["compile"] if args.compile and is_mha else [])
+        for kind in kinds:
+            profile_path(name, kind, overrides, args)
 
 
 if __name__ == "__main__":

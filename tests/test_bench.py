@@ -19,6 +19,8 @@ from chai.methods import Method, build_method, register
 from chai.methods.base import RunStats
 from chai.records import read_jsonl
 from chai.roofline import kv_cache_bytes
+from chai.runners import bench as bench_runner
+from chai.runners import bench_measure
 from tests.helpers import compose_cfg
 
 LABELS = [0, 0, 1, 1, 2, 2, 2, 0]  # tiny_llama has 8 heads: 3 clusters
@@ -122,6 +124,8 @@ def test_one_wellformed_record_per_cell(tmp_path):
         assert roof["fraction_of_roofline"] > 0 and b["roofline_predicted_speedup_vs_mha"] == 1.0
         assert b["speedup_vs"][f"mha_{b['path']}"] == 1.0
         assert b["ttft_no_cluster_ms"] == b["ttft_ms"]  # MHA has no clustering step
+        assert rec["display"] == run["display"] == {"label": "MHA", "family": "MHA", "order": 0, "color": "tab:red"}
+        assert rec["run_stats"]["clustering_calls"] == 0 and rec["results_path"] == run["results_path"]
 
 
 def test_analytic_kv_bytes_equal_the_cache_for_mha_dynamic_and_static(tiny_llama):
@@ -130,9 +134,9 @@ def test_analytic_kv_bytes_equal_the_cache_for_mha_dynamic_and_static(tiny_llama
     mha = build_method(OmegaConf.create({"name": "mha"}))
     ids = torch.randint(0, 1000, (2, 10))
     for name, static in (("sdpa", False), ("static_compiled", True)):
-        path = bench.BenchPath(name, mha, {"name": "mha"}, "sdpa", static)
+        path = bench_measure.BenchPath(name, mha, {"name": "mha"}, "sdpa", static)
         with torch.no_grad():
-            result = bench.measure(path, model, ids, cfg.bench, torch.device("cpu"))
+            result = bench_measure.measure(path, model, ids, cfg.bench, torch.device("cpu"))
         tokens = 10 + 3 if static else 10
         kv = kv_cache_bytes(mha, model, 2, tokens, result["kv_measured"])
         per_token = 3 * 8 * 8 * 4  # layers x heads x head_dim x float32 bytes, for K and for V alike
@@ -140,14 +144,14 @@ def test_analytic_kv_bytes_equal_the_cache_for_mha_dynamic_and_static(tiny_llama
 
 
 def test_out_of_memory_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch):
-    real = bench.measure
+    real = bench_measure.measure
 
     def measure(path, model, ids, bcfg, device):
         if path.name == "sdpa" and ids.shape[1] == 12:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)")
         return real(path, model, ids, bcfg, device)
 
-    monkeypatch.setattr(bench, "measure", measure)
+    monkeypatch.setattr(bench_measure, "measure", measure)
     run = run_mode(bench_cfg(tmp_path, "bench.paths=[eager,sdpa]"), overrides=[])
     assert run["bench_summary"]["oom"] == 1 and run["bench_summary"]["measured"] == 4
     oom = [r for r in cells(tmp_path) if r["oom"]]
@@ -156,7 +160,7 @@ def test_out_of_memory_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch):
     others = [r for r in cells(tmp_path) if r["bench"]["seq_len"] == 12 and not r["oom"]]
     assert len(others) == 1 and others[0]["bench"]["speedup_vs"]["mha_sdpa"] is None
     # A larger grid later: every recorded cell (the out-of-memory one too) is reused, only the new one is measured.
-    monkeypatch.setattr(bench, "measure", real)
+    monkeypatch.setattr(bench_measure, "measure", real)
     again = run_mode(bench_cfg(tmp_path, "bench.seq_lens=[8,12,16]", "bench.paths=[sdpa]"), overrides=[])
     assert again["bench_summary"]["reused"] == 2 and again["bench_summary"]["measured"] == 1
 
@@ -189,6 +193,8 @@ def test_method_paths_are_timed_against_every_baseline(tmp_path, monkeypatch):
         kv = b["kv_bytes"]
         assert kv["analytic"] == kv["measured_cache"] and kv["saved_analytic"] == kv["saved_measured"] > 0
         assert b["roofline_predicted_speedup_vs_mha"] > 1.0
+        assert by_path[name]["display"]["label"] == "standin_clustered"  # no label of its own: its name
+        assert by_path[name]["run_stats"]["clustering_s"] > 0
         assert b["fraction_of_predicted_speedup"] == pytest.approx(
             b["speedup_vs_fastest_mha"] / b["roofline_predicted_speedup_vs_mha"])
 
@@ -228,9 +234,9 @@ def test_static_step_decodes_like_the_dynamic_cache(tiny_llama, method, kind, mo
 
 def test_bad_bench_settings_fail_before_loading(tmp_path):
     with pytest.raises(ChaiError, match="Did you mean 'sdpa'"):
-        bench.check(bench_cfg(tmp_path, "bench.paths=[sdpq]").bench)
+        bench_runner.check(bench_cfg(tmp_path, "bench.paths=[sdpq]").bench)
     with pytest.raises(ChaiError, match="repeats"):
-        bench.check(bench_cfg(tmp_path, "bench.repeats=0").bench)
+        bench_runner.check(bench_cfg(tmp_path, "bench.repeats=0").bench)
 
 
 def test_roofline_arithmetic():
@@ -254,7 +260,7 @@ def test_roofline_arithmetic():
 def test_chai_without_an_artifact_calibrates_first_as_eval_does(tmp_path, capsys):
     """No results/calibration/tiny_llama.json: the bench loads the tokenizer and CHAI makes the artifact, instead of
     failing with "no tokenizer" (the summary then shows the cells' own figures)."""
-    from chai.calibrate import artifact_path
+    from chai.calibration import artifact_path
     from chai.paths import data_dir
 
     if not (data_dir() / "c4" / "c4_validation_2k.jsonl").exists():

@@ -9,11 +9,12 @@ import torch
 from omegaconf import OmegaConf
 
 from chai.attention import AttnShape
-from chai.calibrate import artifact_path, calibrate, choose_elbow, consensus_groups, load_or_calibrate, run, settings_of
+from chai.calibration import artifact_path, calibrate, choose_elbow, consensus_groups, load_or_calibrate, settings_of
 from chai.config import compose_model
 from chai.errors import ChaiError
 from chai.methods import RunContext, build_method
 from chai.paths import data_dir
+from chai.runners.calibrate import run
 from tests.conftest import random_ids
 
 SMALL = {"n_docs": 6, "seq_len": 24, "feature_tokens": 8, "batch_size": 4}

@@ -13,14 +13,13 @@ from omegaconf import OmegaConf
 
 from chai.config import MODES
 from chai.errors import ChaiError
-from chai.membership import capturing_probs, cluster_counts, heads_moved, measure, pair_disagreement, settings_of
+from chai.membership import capturing_probs, cluster_counts, heads_moved, measure, pair_disagreement
 from chai.methods import build_method
 from chai.paths import CONF_DIR, ROOT
 from chai.records import read_jsonl
 from tests.conftest import random_ids
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
-PENDING_MODES = {"membership"}  # chai/membership.py's mode, until chai/config.py lists it
 
 
 def compose_full(overrides: list[str]):
@@ -28,12 +27,11 @@ def compose_full(overrides: list[str]):
         return compose(config_name="config", overrides=overrides, return_hydra_config=True)
 
 
-def experiment_values_win() -> bool:
-    """True when conf/config.yaml lists `_self_` before the `experiment` slot, so an experiment's top-level
-    values (mode, experiment_name) override the primary config's defaults."""
-    defaults = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml").defaults)
-    names = [next(iter(d)) if isinstance(d, dict) else d for d in defaults]
-    return names.index("_self_") < names.index("experiment")
+def experiment_values(name: str):
+    """An experiment's own top-level values, over those of the experiments its defaults list extends."""
+    own = OmegaConf.load(CONF_DIR / "experiment" / f"{name}.yaml")
+    bases = [d for d in own.get("defaults", []) if isinstance(d, str) and d != "_self_"]
+    return OmegaConf.merge(*(experiment_values(base) for base in bases), own)
 
 
 def sweep_cells(params: dict) -> list[list[str]]:
@@ -53,9 +51,8 @@ def test_experiment_composes_on_tiny_llama_and_sweeps_by_itself(name):
     cfg = compose_full([f"experiment={name}", "model=tiny_llama"])
     assert cfg.model.name == "tiny_llama"  # the command line beats the experiment's model
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" and cfg.hydra.sweeper.params
-    own = OmegaConf.load(CONF_DIR / "experiment" / f"{name}.yaml")
-    if not experiment_values_win():
-        pytest.xfail("conf/config.yaml lists _self_ after `experiment`: the primary config's mode/experiment_name win")
+    own = experiment_values(name)
+    # conf/config.yaml lists `_self_` before the `experiment` slot: an experiment's mode and name beat the defaults.
     assert cfg.experiment_name == own.experiment_name
     assert cfg.mode == own.get("mode", "eval")
 
@@ -66,7 +63,7 @@ def test_every_sweep_value_composes_and_builds(name):
     params = dict(compose_full([f"experiment={name}"]).hydra.sweeper.params)
     for cell in sweep_cells(params):
         cfg = compose_full([f"experiment={name}", "model=tiny_llama", *cell])
-        assert cfg.mode in MODES or cfg.mode in PENDING_MODES, cell
+        assert cfg.mode in MODES, cell
         build_method(cfg.method)
 
 
@@ -153,25 +150,21 @@ def test_membership_needs_calibration_or_a_count(tmp_path):
 
 
 def test_membership_runner_end_to_end(tmp_path):
-    from chai.membership import run
+    from chai.runners.membership import run
 
-    listed = "membership" in compose_full([])  # the group joins the primary defaults list with the mode
     settings = ["membership.num_clusters=3", "membership.n_docs=3", "membership.max_tokens=5"]
-    cfg = compose_full(["model=tiny_llama", f"results_dir={tmp_path}", "device=cpu",
-                        *([] if listed else ["+membership=default"]), *settings])
+    cfg = compose_full(["model=tiny_llama", f"results_dir={tmp_path}", "device=cpu", *settings])
     found = run(cfg, {})
     assert found["n_examples"] == 3 and found["membership"]["num_clusters"] == [3, 3, 3]
     assert found["membership"]["corpus"] == cfg.calibration.corpus and found["membership"]["changed_fraction"][-1] == 0
 
 
-def test_membership_settings_have_one_home():
-    cfg = OmegaConf.create({})
-    assert settings_of(cfg) == OmegaConf.load(CONF_DIR / "membership" / "default.yaml")
+def test_every_mode_is_wired_to_its_runner():
+    """The registry chai.cli dispatches through: one runner module per mode of chai.config.MODES, nothing else."""
+    import importlib
 
+    from chai.runners import RESUMED_AS_A_WHOLE, RUNNERS
 
-def test_membership_mode_is_wired():
-    from chai.cli import MODE_RUNNERS
-
-    if "membership" not in MODE_RUNNERS or "membership" not in MODES:
-        pytest.skip("lead: add 'membership' to chai.cli.MODE_RUNNERS and chai.config.MODES")
-    assert MODE_RUNNERS["membership"] == "chai.membership"
+    assert set(RUNNERS) == set(MODES) and set(RESUMED_AS_A_WHOLE) <= set(MODES)
+    for mode, run in RUNNERS.items():
+        assert run is importlib.import_module(f"chai.runners.{mode}").run, mode

@@ -1,28 +1,39 @@
-"""The fused clustered-decode kernel equals its PyTorch reference (run by Triton's interpreter on the CPU), and the
-reference is CHAI's formula: with one cluster per head it is plain multi-head attention."""
+"""The fused clustered-decode kernel equals its PyTorch reference, and the reference is CHAI's formula: with one
+cluster per head it is plain multi-head attention. On a CUDA machine the kernel runs on the GPU
+(`python -m pytest tests/test_kernels.py` there is the GPU kernel check, a LLaMA-7B-sized case included); elsewhere
+Triton's interpreter runs it on the CPU."""
 
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import torch  # before the decision below: importing torch does not import triton
+
 # Triton's interpreter runs the kernel on CPU tensors, but only if it is on before triton's first import (triton
 # binds its language functions then, and torch._dynamo imports triton whenever it is installed). When this process
 # imported triton earlier, the same tests run in a fresh interpreter instead (the last test).
-INTERPRETING = "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1"
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+INTERPRETING = not ON_GPU and ("triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1")
 if INTERPRETING:
     os.environ["TRITON_INTERPRET"] = "1"
+DEVICE = "cuda" if ON_GPU else "cpu"
 
-import pytest
-import torch
-import torch.nn.functional as F
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-from chai.kernels import clustered_decode as kd
+from chai.kernels import clustered_decode as kd  # noqa: E402
 
-needs_interpreter = pytest.mark.skipif(
-    not (kd.HAVE_TRITON and INTERPRETING),
-    reason="triton is not installed, or was imported before TRITON_INTERPRET=1 (then the last test runs these)",
+needs_kernel = pytest.mark.skipif(
+    not (kd.HAVE_TRITON and (ON_GPU or INTERPRETING)),
+    reason="triton is not installed, or (no GPU) was imported before TRITON_INTERPRET=1 (the last test runs these)",
 )
+
+
+def on_device(*tensors):
+    """The tensors on the device the kernel runs on (the GPU when there is one; made on the CPU for the same
+    random values everywhere)."""
+    return tuple(t.to(DEVICE) for t in tensors)
 
 
 def random_clusters(batch: int, heads: int, clusters: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,9 +53,10 @@ def inputs(batch, heads, clusters, length, dim, dtype, seed=0, capacity=None):
     g = torch.Generator().manual_seed(seed)
     capacity = capacity or length
     q = torch.randn(batch, heads, 1, dim, generator=g).to(dtype)
-    k = torch.randn(batch, clusters, capacity, dim, generator=g).to(dtype)[:, :, :length]
-    v = torch.randn(batch, heads, capacity, dim, generator=g).to(dtype)[:, :, :length]
-    return q, k, v, *random_clusters(batch, heads, clusters, g)
+    k = torch.randn(batch, clusters, capacity, dim, generator=g).to(dtype)
+    v = torch.randn(batch, heads, capacity, dim, generator=g).to(dtype)
+    q, k, v, labels, reps = on_device(q, k, v, *random_clusters(batch, heads, clusters, g))
+    return q, k[:, :, :length], v[:, :, :length], labels, reps
 
 
 @pytest.mark.parametrize(
@@ -56,10 +68,10 @@ def inputs(batch, heads, clusters, length, dim, dtype, seed=0, capacity=None):
         (2, 5, 1, 129, 16, [129, 64]),  # a single cluster for every head
     ],
 )
-@needs_interpreter
+@needs_kernel
 def test_kernel_matches_reference(batch, heads, clusters, length, dim, kv_len):
     q, k, v, labels, reps = inputs(batch, heads, clusters, length, dim, torch.float32, capacity=length + 7)
-    kv = None if kv_len is None else torch.tensor(kv_len)
+    kv = None if kv_len is None else torch.tensor(kv_len, device=DEVICE)
     out = kd.clustered_decode_attention(q, k, v, labels, reps, dim**-0.5, kv_len=kv)
     ref = kd.clustered_attention_reference(q, k, v, labels, reps, dim**-0.5, kv_len=kv)
     assert out.shape == (batch, heads, 1, dim) and out.dtype == v.dtype
@@ -72,36 +84,36 @@ def test_kernel_matches_reference(batch, heads, clusters, length, dim, kv_len):
     kd.KernelConfig(block_s=None, num_warps=8, min_tiles=2),
     kd.KernelConfig(),  # the tuned defaults: one 128-key tile holds the whole context here
 ])
-@needs_interpreter
+@needs_kernel
 def test_every_launch_config_matches_reference(config):
     """The tuning script's settings change speed only: tile, warps, splits."""
     q, k, v, labels, reps = inputs(2, 12, 5, 150, 16, torch.float32, seed=3, capacity=160)
-    kv = torch.tensor([150, 77])
+    kv = torch.tensor([150, 77], device=DEVICE)
     out = kd.clustered_decode_attention(q, k, v, labels, reps, 0.25, kv_len=kv, config=config)
     ref = kd.clustered_attention_reference(q, k, v, labels, reps, 0.25, kv_len=kv)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
 
 
-@needs_interpreter
+@needs_kernel
 def test_kernel_half_precision_and_3d_query():
     q, k, v, labels, reps = inputs(2, 8, 4, 90, 16, torch.float16, seed=1)
-    kv = torch.tensor(60)  # a 0-d device tensor, as a static cache layer's fill counter
+    kv = torch.tensor(60, device=DEVICE)  # a 0-d device tensor, as a static cache layer's fill counter
     out = kd.clustered_decode_attention(q[:, :, 0], k, v, labels, reps, 0.25, kv_len=kv)
     ref = kd.clustered_attention_reference(q.float(), k.float(), v.float(), labels, reps, 0.25, kv_len=kv)
     assert out.shape == (2, 8, 16) and out.dtype == torch.float16
     torch.testing.assert_close(out.float(), ref[:, :, 0], atol=2e-3, rtol=2e-3)
 
 
-@needs_interpreter
+@needs_kernel
 def test_one_cluster_per_head_is_multi_head_decode():
     q, k, v, _, _ = inputs(2, 6, 6, 50, 16, torch.float32, seed=2)
-    identity = torch.arange(6).expand(2, 6)
+    identity = torch.arange(6, device=DEVICE).expand(2, 6)
     dense = F.scaled_dot_product_attention(q, k, v, scale=0.3)
     torch.testing.assert_close(kd.clustered_decode_attention(q, k, v, identity, identity, 0.3), dense,
                                atol=1e-5, rtol=1e-5)
 
 
-@needs_interpreter
+@needs_kernel
 def test_compact_k_slots_and_grouped_values():
     """CHAI's cache layout: K kept in a few slots (each cluster reads its slot through k_index, two clusters may
     share one under GQA), V for the KV heads only (each query head reads v_index)."""
@@ -111,6 +123,7 @@ def test_compact_k_slots_and_grouped_values():
     labels = torch.tensor([[0, 0, 1, 1, 2, 2, 2, 0], [1, 1, 1, 0, 0, 2, 2, 2]])
     reps, k_index = torch.tensor([[1, 2, 6], [0, 3, 7]]), torch.tensor([[2, 0, 1], [1, 1, 0]])
     v_index, kv_len = (torch.arange(8) // 2).expand(2, -1), torch.tensor([40, 25])
+    q, k, v, labels, reps, k_index, v_index, kv_len = on_device(q, k, v, labels, reps, k_index, v_index, kv_len)
     out = kd.clustered_decode_attention(q, k, v, labels, reps, 0.25, kv_len, k_index=k_index, v_index=v_index)
     for b in range(2):
         n = int(kv_len[b])
@@ -120,7 +133,7 @@ def test_compact_k_slots_and_grouped_values():
             torch.testing.assert_close(out[b, h, 0], p @ v[b, h // 2, :n], atol=2e-5, rtol=2e-5)
 
 
-@needs_interpreter
+@needs_kernel
 def test_uneven_clusters_and_a_partly_filled_cache():
     """Clusters of 1 and of many heads, different memberships per batch row, an empty cluster, and a fill counter
     shorter than the buffer (splits past it hold nothing)."""
@@ -134,6 +147,7 @@ def test_uneven_clusters_and_a_partly_filled_cache():
     reps = torch.tensor([[10, 4, 0, 0], [5, 8, 9, 3]])
     k_index = torch.tensor([[2, 0, 1, 3], [3, 1, 0, 2]])
     kv_len = torch.tensor([97, 230])
+    q, k, v, labels, reps, k_index, kv_len = on_device(q, k, v, labels, reps, k_index, kv_len)
     out = kd.clustered_decode_attention(q, k, v, labels, reps, 0.3, kv_len, k_index=k_index)
     ref = kd.clustered_attention_reference(q, k, v, labels, reps, 0.3, kv_len=kv_len, k_index=k_index)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
@@ -145,7 +159,7 @@ def test_uneven_clusters_and_a_partly_filled_cache():
             torch.testing.assert_close(out[b, h, 0], p @ v[b, h, :n], atol=2e-5, rtol=2e-5)
 
 
-@needs_interpreter
+@needs_kernel
 @pytest.mark.parametrize("kv_len", [23, None, torch.tensor([61, 9])])
 def test_default_grouped_values_and_length_forms(kv_len):
     """No v_index under GQA (head h reads V head h // (H / Hv)), no k_index, and the valid length as an int, None
@@ -155,16 +169,18 @@ def test_default_grouped_values_and_length_forms(kv_len):
     v = torch.randn(2, 2, 61, 16, generator=g)  # 2 KV heads for 8 query heads
     labels = torch.tensor([[0, 0, 0, 0, 0, 1, 2, 0], [2, 1, 1, 1, 1, 1, 0, 1]])
     reps = torch.tensor([[3, 5, 6], [6, 4, 0]])
+    q, k, v, labels, reps = on_device(q, k, v, labels, reps)
+    kv_len = kv_len.to(DEVICE) if isinstance(kv_len, torch.Tensor) else kv_len
     out = kd.clustered_decode_attention(q, k, v, labels, reps, 0.25, kv_len)
     ref = kd.clustered_attention_reference(q, k, v, labels, reps, 0.25, kv_len=kv_len)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
 
 
-@needs_interpreter
+@needs_kernel
 def test_compiled_call_is_one_opaque_op():
     """Under torch.compile (fullgraph) the kernels run as the custom op chai::clustered_decode: same output."""
     q, k, v, labels, reps = inputs(2, 8, 3, 40, 16, torch.float32, seed=8, capacity=48)
-    kv = torch.tensor([40, 17])
+    kv = torch.tensor([40, 17], device=DEVICE)
     compiled = torch.compile(kd.clustered_decode_attention, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(q, k, v, labels, reps, 0.25, kv),
                                kd.clustered_decode_attention(q, k, v, labels, reps, 0.25, kv))
@@ -185,18 +201,30 @@ def test_reference_members_share_their_representatives_probabilities():
 
 def test_without_triton_the_reference_runs(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # a CPU tensor outside the interpreter: the reference
-    q, k, v, labels, reps = inputs(1, 4, 2, 20, 8, torch.float32)
+    q, k, v, labels, reps = (t.cpu() for t in inputs(1, 4, 2, 20, 8, torch.float32))
     assert not kd._use_triton(q) and os.environ.get("TRITON_INTERPRET") is None
     torch.testing.assert_close(kd.clustered_decode_attention(q, k, v, labels, reps, 0.5),
                                kd.clustered_attention_reference(q, k, v, labels, reps, 0.5))
 
 
-@pytest.mark.skipif(INTERPRETING or not kd.HAVE_TRITON, reason="the kernel tests ran in this process")
+@pytest.mark.skipif(not ON_GPU or not kd.HAVE_TRITON, reason="needs a CUDA GPU")
+def test_llama7b_sized_decode_on_the_gpu():
+    """A LLaMA-7B decode step's shape (32 heads in 8 clusters, head_dim 128, fp16) over a long, partly filled
+    cache: many splits and tiles, on the GPU, against the reference in float32."""
+    q, k, v, labels, reps = inputs(4, 32, 8, 4224, 128, torch.float16, seed=0)
+    kv = torch.tensor(3001, device=DEVICE)
+    out = kd.clustered_decode_attention(q, k, v, labels, reps, 128**-0.5, kv)
+    ref = kd.clustered_attention_reference(q.float(), k.float(), v.float(), labels, reps, 128**-0.5, kv_len=kv)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), ref, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.skipif(INTERPRETING or ON_GPU or not kd.HAVE_TRITON, reason="the kernel tests ran in this process")
 def test_kernel_in_a_fresh_interpreter():
     """The kernel tests of this file in a process where TRITON_INTERPRET=1 comes before triton's import."""
     done = subprocess.run(
         [sys.executable, "-m", "pytest", __file__, "-o", "addopts=", "-q", "-p", "no:cacheprovider",
-         "-k", "not fresh_interpreter"],
+         "-k", "not fresh_interpreter and not on_the_gpu"],
         env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=Path(__file__).resolve().parent.parent,
         capture_output=True, text=True, timeout=900, check=False,
     )

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 RECORD_FIELDS = {
     "run_id", "run_key", "time", "mode", "experiment", "model", "method", "task", "seed", "overrides", "config",
     "git", "versions", "device", "metrics", "n_examples", "n_requests", "timing", "kv_bytes_per_token",
-    "samples_path", "task_source", "method_info", "dtype", "results_path",
+    "samples_path", "task_source", "method_info", "display", "run_stats", "dtype", "results_path",
 }
 
 

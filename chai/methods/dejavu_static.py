@@ -16,7 +16,7 @@ Parameters
   most heads - 1 so every layer keeps one.
 - dense_layers: the first N layers are left untouched.
 - head_scores: the [layers][heads] scores, or a path to a JSON file holding them under "head_importance" (e.g. the
-  calibration artifact). Default None: `chai.calibrate.load_or_calibrate` (computed on C4 when missing).
+  calibration artifact). Default None: `chai.calibration.load_or_calibrate` (computed on C4 when missing).
 """
 
 import json
@@ -107,9 +107,9 @@ class DejaVuStatic(Method):
     name = "dejavu_static"
     label, order, color = "DejaVu-static", 20, "tab:green"
 
-    sparsity: float = 0.5
+    sparsity: float = 0.5  # fraction of each pruned layer's heads dropped
     dense_layers: int = 0
-    head_scores: object = None
+    head_scores: object = None  # None: head_importance of the calibration artifact; or a JSON path / [layers][heads]
 
     def __post_init__(self):
         self._plans: dict[int, LayerPlan] | None = None  # set by `prepare`
@@ -148,12 +148,12 @@ class DejaVuStatic(Method):
 
     def _calibrated(self, model, context) -> list:
         try:
-            from chai.calibrate import load_or_calibrate
+            from chai.calibration import load_or_calibrate
         except ModuleNotFoundError as err:
-            if err.name != "chai.calibrate":
+            if err.name != "chai.calibration":
                 raise
             raise ChaiError(
-                "dejavu_static: no calibration available (chai.calibrate missing); "
+                "dejavu_static: no calibration available (chai.calibration missing); "
                 "pass method.head_scores=<artifact.json or [layers][heads] list>."
             ) from None
         return load_or_calibrate(model, context)["head_importance"]

@@ -1,0 +1,102 @@
+"""A bench cell's record: the settings that key it (resume), its measurement or failure, K,V bytes and roofline, the
+speedups against the MHA baselines of the same (batch, seq_len), and the one line printed as it is measured.
+
+Every path is compared with every baseline path and with its comparable one: `method` (the method's own attention
+and dynamic cache) with `sdpa`, `method_static` (its static cache, the same captured step) with `static_compiled`.
+"""
+
+import copy
+
+from chai.records import records_by_key, succeeded
+from chai.roofline import kv_cache_bytes, percentiles, step_roofline
+from chai.runners.record import method_facts
+
+BASELINE_PATHS = ("eager", "sdpa", "static_compiled")
+METHOD_PATHS = ("method", "method_static")
+COMPARABLE = {"eager": "eager", "sdpa": "sdpa", "static_compiled": "static_compiled", "method": "sdpa",
+              "method_static": "static_compiled"}
+GRID_KEYS = ("batch_sizes", "seq_lens", "paths")  # not part of a cell's identity: a cell resumes across grids
+
+
+def finished_cells(path) -> dict[str, dict]:
+    """{key: record} of the cells `path` holds that a run reuses (resume): measured, or out of memory (which the
+    same settings on the same device would be again). A cell that failed otherwise is measured again."""
+    return records_by_key(path, lambda r: r.get("kind") == "bench_cell" and (succeeded(r) or bool(r.get("oom"))))
+
+
+def cell_config(config: dict, path, batch: int, seq_len: int, device_name: str, step: str) -> dict:
+    """The settings that define one cell (its run key): the run's config with the path's method, without the grid
+    lists, plus batch, seq_len, path, the device it ran on, a static path's step as resolved (`auto` has meant
+    different steps on different devices and versions) and the method's kernel launch settings, if it reports any."""
+    cell = {k: copy.deepcopy(v) for k, v in config.items() if k != "resume"}
+    cell["method"] = path.method_cfg
+    cell["bench"] = {k: v for k, v in cell["bench"].items() if k not in GRID_KEYS}
+    if path.static:
+        cell["bench"]["static_step"] = step
+    cell["bench"]["cell"] = {"batch": batch, "seq_len": seq_len, "path": path.name, "device": device_name}
+    kernel = path.method.run_stats().decode_kernel
+    if kernel:
+        cell["bench"]["decode_kernel"] = kernel
+    return cell
+
+
+def ratio(num, den):
+    return num / den if num is not None and den else None
+
+
+def cell_record(rec: dict, path, model, result: dict, batch: int, seq_len: int, bcfg, bandwidth: dict,
+                weights: int, baseline) -> dict:
+    """Fill a cell record from a measurement (or a failure): timings, K,V bytes, roofline, the method's facts."""
+    n = int(bcfg.new_tokens)
+    kv = kv_cache_bytes(path.method, model, batch, seq_len + n if path.static else seq_len,
+                        result.pop("kv_measured", None))
+    trace = result.pop("traceback", None)
+    empty = percentiles([])
+    bench = {"batch": batch, "seq_len": seq_len, "new_tokens": n, "path": path.name,
+             "dtype": str(model.dtype).replace("torch.", ""), "bandwidth": bandwidth, "ttft_ms": empty,
+             "ttft_no_cluster_ms": empty, "ttnt_ms": empty, **result, "kv_bytes": kv,
+             **step_roofline(path.method, model, bandwidth["bandwidth_GBps"], weights, batch, seq_len, n, baseline)}
+    median = bench["ttnt_ms"]["median"]
+    bench["roofline"]["fraction_of_roofline"] = ratio(bench["roofline"]["time_ms"], median)
+    bench["tokens_per_s"] = ratio(batch * 1e3, median)
+    rec.update(kind="bench_cell", bench=bench, oom=bench["oom"], error=bench["error"], **method_facts(path.method))
+    if trace:
+        rec["traceback"] = trace
+    return rec
+
+
+def annotate(group: dict[str, dict]) -> None:
+    """Speedups of every cell of one (batch, seq_len) against each baseline path and the fastest of them."""
+    ttnt = {p: r["bench"]["ttnt_ms"]["median"] for p, r in group.items()}
+    ttft = {p: r["bench"]["ttft_ms"]["median"] for p, r in group.items()}
+    base = {p: ttnt.get(p) for p in BASELINE_PATHS if ttnt.get(p) is not None}
+    fastest = min(base, key=base.get) if base else None
+    for name, rec in group.items():
+        b, mine = rec["bench"], ttnt[name]
+        b["speedup_vs"] = {f"mha_{p}": ratio(ttnt.get(p), mine) for p in BASELINE_PATHS}
+        b["ttft_speedup_vs"] = {f"mha_{p}": ratio(ttft.get(p), ttft[name]) for p in BASELINE_PATHS}
+        b["comparable_baseline"] = f"mha_{COMPARABLE[name]}"
+        b["speedup_vs_comparable"] = b["speedup_vs"][b["comparable_baseline"]]
+        b["fastest_mha_path"] = fastest and f"mha_{fastest}"
+        b["speedup_vs_fastest_mha"] = ratio(base.get(fastest), mine)
+        b["fraction_of_predicted_speedup"] = ratio(b["speedup_vs_fastest_mha"],
+                                                   b["roofline_predicted_speedup_vs_mha"])
+
+
+def cell_line(rec: dict) -> str:
+    b = rec["bench"]
+    head = f"{rec['method']:>14} {b['path']:<15} B={b['batch']:<3} S={b['seq_len']:<5}"
+    if rec["error"]:
+        return f"{head} {'OOM' if b['oom'] else 'FAILED'}: {rec['error'][:120]}"
+    ttnt, roof = b["ttnt_ms"]["median"], b["roofline"]
+    return (f"{head} TTFT {b['ttft_ms']['median']:9.2f} ms  TTNT {ttnt:8.3f} ms  "
+            f"{b['batch'] * 1e3 / ttnt:9.1f} tok/s  {roof['bytes_per_step'] / ttnt / 1e6:8.1f} GB/s  "
+            f"{roof['time_ms'] / ttnt:5.2f} of roofline  K,V {b['kv_bytes']['analytic'] / 1e6:9.2f} MB")
+
+
+def cell_summary(rec: dict) -> dict:
+    """What the run's summary shows of a cell (medians; the cell's own record holds the rest)."""
+    b = rec["bench"]
+    return {"path": b["path"], "batch": b["batch"], "seq_len": b["seq_len"], "ttft_ms": b["ttft_ms"]["median"],
+            "ttnt_ms": b["ttnt_ms"]["median"], "kv_bytes": b["kv_bytes"]["analytic"], "error": rec["error"],
+            "oom": rec["oom"]}
