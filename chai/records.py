@@ -1,6 +1,13 @@
 """Run records: one JSON line per run in results/<experiment>/runs.jsonl, the source of truth for every table and
 figure. Appends never leave a half-written line that a later record could merge into, readers skip a torn tail,
-and each record carries a `run_key` (hash of the settings that define the cell) so sweeps can resume.
+and each record carries a `run_key` (hash of the settings that can change its result) so sweeps can resume.
+
+A run's key holds exactly what can change its result, given its mode: never `resume`, the output and logging
+settings (VOLATILE_KEYS) or another mode's settings group (OTHER_MODES), and of the method only the settings that
+differ from its dataclass defaults (so a method config that lists more of its settings keys the same runs). Resume
+compares keys recomputed from each stored record's `config` with the current function (`already_recorded`,
+`records_by_key`): a record stored under an older key function is still found, and the `run_key` a record stores is
+informational.
 """
 
 import hashlib
@@ -13,17 +20,64 @@ import uuid
 from importlib import metadata
 from pathlib import Path
 
+from chai.method_defaults import method_defaults
 from chai.paths import ROOT
 
-# Settings that do not change what a run measures: left out of the run key.
-VOLATILE_KEYS = ("experiment_name", "results_dir", "logger", "data_dir", "hydra", "offline")
+# Settings that do not change what a run measures: left out of every run key.
+VOLATILE_KEYS = ("experiment_name", "results_dir", "logger", "data_dir", "hydra", "offline", "resume")
+# Settings groups a mode never reads: left out of its runs' keys. A mode not listed here keys every group.
+OTHER_MODES = {
+    "eval": ("bench", "membership"),
+    "bench": ("eval", "membership", "task"),  # random token ids: no task; a cell's own settings are under bench
+    "calibrate": ("method", "task", "eval", "bench", "membership"),
+    "membership": ("task", "eval", "bench"),  # the method stays: its num_clusters is the one home of that count
+}
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"  # a record's `time`: sorts as text within one time zone
 PACKAGES = ("torch", "transformers", "lm_eval", "accelerate", "hydra-core", "omegaconf", "scikit-learn")
 
 
+def method_key(method: dict) -> dict:
+    """A method config as a key: its name and the settings that differ from the method's dataclass defaults (an
+    unknown method: every setting). A setting missing from an older record counts as its default."""
+    defaults = method_defaults(method.get("name")) or {}
+    return {k: v for k, v in method.items() if k == "name" or k not in defaults or v != defaults[k]}
+
+
+def key_settings(config: dict) -> dict:
+    """The part of a run's config its key hashes (see the module docstring)."""
+    left_out = {*VOLATILE_KEYS, *OTHER_MODES.get(config.get("mode"), ())}
+    stable = {k: v for k, v in config.items() if k not in left_out}
+    if isinstance(stable.get("method"), dict):
+        stable["method"] = method_key(stable["method"])
+    return stable
+
+
 def run_key(config: dict) -> str:
-    stable = {k: v for k, v in config.items() if k not in VOLATILE_KEYS}
-    return hashlib.sha1(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha1(json.dumps(key_settings(config), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def record_key(record: dict) -> str | None:
+    """A stored record's key under the current function: from its `config`, or (a record without one) as stored."""
+    config = record.get("config")
+    return run_key(config) if isinstance(config, dict) else record.get("run_key")
+
+
+def succeeded(record: dict) -> bool:
+    return not record.get("error")
+
+
+def records_by_key(path: Path, keep=succeeded) -> dict[str, dict]:
+    """{key: the last record of `path` with that key} over the records `keep` accepts (default: no error)."""
+    found = {}
+    for record in read_jsonl(path):
+        if isinstance(record, dict) and keep(record):
+            found[record_key(record)] = record
+    return found
+
+
+def already_recorded(path: Path, config: dict) -> bool:
+    """Whether `path` holds a finished run of `config`'s cell (the resume check)."""
+    return run_key(config) in records_by_key(path)
 
 
 def git_commit() -> dict:

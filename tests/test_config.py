@@ -1,14 +1,16 @@
 """Every config composes; bad names and values fail with one clear line before any model loads."""
 
+import dataclasses
 import subprocess
 import sys
 
 import pytest
+from omegaconf import OmegaConf
 
 from chai.config import GROUPS, check_overrides, choices
 from chai.errors import ChaiError
 from chai.methods import build_method
-from chai.paths import ROOT
+from chai.paths import CONF_DIR, ROOT
 from tests.helpers import compose_cfg
 
 
@@ -25,6 +27,38 @@ def test_every_method_config_builds_a_validated_method():
         build_method(compose_cfg([f"method={name}"]).method)
 
 
+def test_method_defaults_are_read_from_the_dataclasses_without_importing_them():
+    """conf/method/ takes every default from the method's dataclass (one home), read from its source so that Hydra
+    composes without torch: what is read equals `dataclasses.fields` of every registered class."""
+    from chai.method_defaults import all_defaults
+    from chai.methods import METHODS, _discover
+
+    _discover()
+    assert set(all_defaults()) == set(METHODS)
+    for name, cls in METHODS.items():
+        assert all_defaults()[name] == {f.name: f.default for f in dataclasses.fields(cls)}, name
+    code = "import sys, chai.method_defaults as d; d.all_defaults(); assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_a_method_config_composes_every_setting_and_holds_only_its_deltas():
+    """Every method config composes to its dataclass's settings (`--cfg job` shows them all, `method.x=` overrides
+    one); a base config sets nothing but its name, a variant (sparq_2x) only its own settings."""
+    from chai.method_defaults import method_defaults
+
+    for name in choices("method"):
+        method = OmegaConf.to_container(compose_cfg([f"method={name}"]).method)
+        assert set(method) == {"name", *method_defaults(method["name"])}, name
+        own = OmegaConf.load(CONF_DIR / "method" / f"{name}.yaml")
+        bases = [d for d in own.defaults if d != "_self_"]
+        if bases == [f"/method_defaults/{name}@_here_"]:
+            assert set(own) == {"defaults", "name"}, name
+        else:  # a variant: a delta on another method config
+            assert [b for b in bases if not b.startswith("/")] and "name" not in own, name
+    assert compose_cfg(["method=chai", "method.num_clusters=4"]).method.num_clusters == 4
+    assert compose_cfg(["method=sparq_2x"]).method.compression == 2
+
+
 def test_default_run_is_mha_on_the_embedded_model():
     cfg = compose_cfg([])
     assert (cfg.method.name, cfg.model.name, cfg.task.name, cfg.mode) == ("mha", "smollm2", "piqa", "eval")
@@ -36,8 +70,6 @@ def test_default_run_is_mha_on_the_embedded_model():
      ("task=piqaa", "Did you mean 'piqa'"), ("mode=evl", "Did you mean 'eval'")],
 )
 def test_unknown_names_suggest_the_closest(override, expected):
-    if "chai" in expected and "chai" not in choices("method"):
-        pytest.skip("chai method config not present")
     with pytest.raises(ChaiError, match=expected):
         check_overrides([override])
 

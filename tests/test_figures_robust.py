@@ -4,13 +4,15 @@ log time axis, one legend per figure, integer cluster counts."""
 
 import importlib.util
 
+import pandas as pd
 import pytest
+from matplotlib.colors import to_hex
 
 from chai.paths import ROOT
 from chai.records import append_jsonl
 from chai.report import build, figures_accuracy, figures_bench
-from chai.report.style import method_label, panels
-from tests.test_report import bench_cell, record, settings
+from chai.report.style import panels
+from tests.test_report import bench_cell, display, record, settings
 
 
 def results_with(root, **folders):
@@ -54,21 +56,21 @@ def test_an_adhoc_run_never_touches_the_committed_report(tmp_path):
     assert report["failed"] == []
     assert (root / "adhoc" / "tables" / "table1_llama7b_limit50.md").exists()
     assert all("/adhoc/" in path for path in report["written"])
-    assert any(why.startswith("fig01 llama7b (first 50): no task has two or more") for why in report["skipped"])
+    assert any(why.startswith("fig01 llama7b (first 50): fewer than two compute shares") for why in report["skipped"])
     assert {k: v for k, v in outputs(root).items() if not k.startswith("adhoc/")} == committed
 
 
 EDGE_CASES = {  # records by folder -> reasons the report must give (substrings of its skip lines)
     "single CHAI eval with a limit": (
         {"accuracy": [chai_with_compute("piqa", 0.6, limit=50)]},
-        ["fig01 llama7b (first 50): no task has two or more compute shares",
+        ["fig01 llama7b (first 50): fewer than two compute shares recorded for any method",
          "sweep_clusters llama7b (first 50): fewer than two values"]),
-    "one method only": (
-        {"accuracy": [chai_with_compute(t, 0.6) for t in ("piqa", "arc_easy")]},
-        ["fig01 llama7b (full sets): no task has two or more", "fig11: no bench records"]),
+    "one point per task": (
+        {"accuracy": [chai_with_compute(t, 0.6, share=share) for t, share in (("piqa", 0.4), ("arc_easy", 0.6))]},
+        ["fig01 llama7b (full sets): no task has two or more compute shares", "fig11: no bench records"]),
     "MHA only": (
         {"accuracy": [record("mha", t, 0.7) for t in ("piqa", "arc_easy")]},
-        ["table1 llama7b (full sets): no method besides MHA", "fig01 llama7b (full sets): no CHAI/static/random"]),
+        ["table1 llama7b (full sets): no method besides MHA", "fig01 llama7b (full sets): fewer than two"]),
     "empty results folder": ({}, ["tables: no eval records", "fig11: no bench records", "fig06/07/08/13: no"]),
     "bench records missing": (
         {"accuracy": curated()},
@@ -160,7 +162,7 @@ def test_cluster_counts_are_integers_on_a_linear_axis(tmp_path, drawn):
     counts = range(1, 10)
     frame = latest(eval_frame([record("mha", "piqa", 0.7),
                                *(record("chai", "piqa", 0.6 + k / 100, num_clusters=k) for k in counts)]))
-    written, skipped = figures_accuracy.clusters_sweep(frame, tmp_path)
+    written, skipped = figures_accuracy.sweep_figures("sweep_clusters", frame, tmp_path)
     (ax,) = [ax for ax in drawn[0].axes if ax.get_visible()]
     assert ax.get_xscale() == "linear"
     assert [t.get_text() for t in ax.get_xticklabels()] == [str(k) for k in counts]  # 9 included
@@ -173,6 +175,9 @@ def memory_and_latency_cells():
         if cell["method"] == "sparq":  # slow dynamic path: 10x MHA's time per token, the same K,V bytes
             cell["bench"]["ttnt_ms"] = {k: 10 * v for k, v in cell["bench"]["ttnt_ms"].items()}
     return cells
+
+
+LABELS = {"mha": "MHA", "chai": "CHAI", "sparq": "SparQ 8x"}  # as the methods' display names them
 
 
 def bench(cells):
@@ -188,8 +193,7 @@ def test_latency_has_a_log_time_axis_and_one_legend_for_the_figure(tmp_path, dra
     assert len(axes) == 4 and all(ax.get_yscale() == "log" for ax in axes)
     assert all(ax.get_legend() is None for ax in axes) and len(fig.legends) == 1
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
-    methods = [method_label(m, settings(m)) for m in ("chai", "mha", "sparq")]
-    assert [label for label in labels if label in methods] == sorted(methods)  # each method once, by colour
+    assert [label for label in labels if label in LABELS.values()] == ["MHA", "CHAI", "SparQ 8x"]  # display order
     assert any("static cache" in label for label in labels)  # the path is the line style, named once
 
 
@@ -197,13 +201,26 @@ def test_memory_has_one_entry_per_method_and_coinciding_lines_stay_visible(tmp_p
     figures_bench.memory_figures(bench(memory_and_latency_cells()), tmp_path)
     (fig,) = drawn
     labels = [t.get_text() for t in fig.legends[0].get_texts() if t.get_text()]  # blanks only end a column
-    methods = sorted(method_label(m, settings(m)) for m in ("chai", "mha", "sparq"))
-    assert labels[:3] == methods and len(labels) == 5  # + what a line and a hollow marker mean
+    assert labels[:3] == ["MHA", "CHAI", "SparQ 8x"] and len(labels) == 5  # + what a line and a hollow marker mean
     assert not any(ax.get_legend() for ax in fig.axes)
     cache_ax = fig.axes[0]
-    mha, sparq = f"C{methods.index('MHA')}", f"C{methods.index(methods[2])}"  # equal K,V bytes: they coincide
+    mha, sparq = (display(settings(m))["color"] for m in ("mha", "sparq"))  # equal K,V bytes: they coincide
     lines = {(line.get_color(), line.get_linestyle()): line for line in cache_ax.get_lines()}
     assert lines[(mha, "-")].get_linewidth() > lines[(sparq, "-")].get_linewidth()  # MHA's shows around SparQ's
     assert lines[(mha, "None")].get_markersize() > lines[(sparq, "None")].get_markersize()
     caption = fig.legends[0].get_title().get_text()
     assert "allocator" in caption and "workspace" in caption and "nested" in caption
+
+
+def test_each_method_keeps_its_display_colour_and_a_second_variant_gets_a_free_one():
+    from chai.report.style import method_styles
+
+    rows = pd.DataFrame([{"label": "CHAI a", "order": 10, "color": "tab:blue"},
+                         {"label": "MHA", "order": 0, "color": "tab:red"},
+                         {"label": "CHAI b", "order": 10, "color": "tab:blue"},
+                         {"label": "New method", "order": 40, "color": None}])
+    styles = method_styles(rows)
+    assert list(styles) == ["MHA", "CHAI a", "CHAI b", "New method"]  # display order, then label
+    assert styles["MHA"] == ("tab:red", "o") and styles["CHAI a"] == ("tab:blue", "s")
+    colours = [to_hex(c) for c, _ in styles.values()]
+    assert len(set(colours)) == 4  # the second CHAI and the colourless method: cycle colours nobody uses

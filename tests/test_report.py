@@ -3,6 +3,7 @@ artifact): every file is produced, the numbers in the tables are the records' nu
 wins, failures are left out, and the report never imports torch."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -18,35 +19,46 @@ from chai.report.tables import write_tables
 LAYERS, HEADS = 32, 32  # llama7b's arch, so the paper's numbers apply and the compute share is known
 TASKS = ("piqa", "arc_easy")
 MHA_ACC = {"piqa": 0.78, "arc_easy": 0.75}
-FALLBACK = {  # settings of methods whose config has not landed yet
-    "chai": {"num_clusters": None, "first_clustered_layer": 0, "membership_tokens": 5},
-    "chai_static": {"num_clusters": None, "first_clustered_layer": 0},
-    "chai_qkv": {"num_clusters": None, "first_clustered_layer": 0, "membership_tokens": 5},
-    "random_groups": {"num_clusters": None, "first_clustered_layer": 0},
-    "dejavu_static": {"sparsity": 0.5},
-    "sparq": {"compression": 8},
-}
 _clock = iter(range(10_000))
 
 
 def settings(method: str, **changes) -> dict:
+    """The method config `python run.py method=<method>` composes, with `changes` applied."""
     found = method_defaults(method)
-    return {"name": method, **(FALLBACK.get(method, {}) if found is None else found), **changes}
+    assert found is not None, f"conf/method/{method}.yaml"
+    return {"name": method, **found, **changes}
+
+
+def display(method_cfg: dict) -> dict:
+    """The `display` a runner writes into the record: the method class's own (the test imports torch; the report
+    never does)."""
+    from chai.methods import METHODS, _discover
+
+    _discover()
+    return METHODS[method_cfg["name"]].display({k: v for k, v in method_cfg.items() if k != "name"})
+
+
+def clusters(rec: dict, count: int, first: int = 0) -> dict:
+    """`rec` with the per-layer cluster counts a CHAI-family method reports (`first` layers left dense)."""
+    rec["method_info"] = {"clusters_per_layer": ["dense"] * first + [count] * (LAYERS - first)}
+    return rec
 
 
 def record(method: str, task: str, acc: float, limit=None, model="llama7b", error=None, kv=1.0, **changes) -> dict:
     """An eval record as chai.cli + chai.evaluate write it (only the fields the report reads, plus a few)."""
     second = next(_clock)
+    method_cfg = settings(method, **changes)
     rec = {
         "run_id": f"r{second}",
         "time": f"2026-01-01T{second // 3600:02d}:{second // 60 % 60:02d}:{second % 60:02d}+0000",
         "mode": "eval", "experiment": "accuracy", "model": model, "method": method, "task": task,
-        "config": {"method": settings(method, **changes), "task": {"name": task, "limit": limit},
+        "config": {"method": method_cfg, "task": {"name": task, "limit": limit},
                    "model": {"name": model, "arch": {"num_hidden_layers": LAYERS, "num_attention_heads": HEADS}}},
         "metrics": {"acc": acc, "acc_stderr": 0.01, "acc_norm": acc - 0.01, "acc_norm_stderr": 0.01},
         "n_examples": limit or 1000,
         "kv_bytes_per_token": {"analytic": {"total": 1000 * kv}, "measured": {"total": 1000 * kv}},
         "method_info": {},
+        "display": display(method_cfg),
     }
     if error:
         rec["error"] = error
@@ -73,9 +85,10 @@ def eval_records() -> list[dict]:
         # sweep points; a value equal to CHAI's default would be the default cell itself, so it is left out
         for k in swept("num_clusters", (1, 4, 16, 32)):
             for method, drop in (("chai", 0.0), ("chai_static", 0.01), ("random_groups", 0.03)):
-                recs.append(record(method, task, base - (drop + 0.1) / k, num_clusters=k))
+                recs.append(clusters(record(method, task, base - (drop + 0.1) / k, num_clusters=k), k))
         for layer in swept("first_clustered_layer", (0, 4, 16)):
-            recs.append(record("chai", task, base - 0.02 / (layer + 1), first_clustered_layer=layer))
+            recs.append(clusters(record("chai", task, base - 0.02 / (layer + 1), first_clustered_layer=layer), 4,
+                                 layer))
         for n in swept("membership_tokens", (1, 3, 5, 10)):
             recs.append(record("chai", task, base - 0.05 / n, membership_tokens=n))
         recs.append(record("mha", task, 0.5, limit=5))  # a smoke run: its own table, never mixed in
@@ -91,6 +104,7 @@ def bench_cell(method: str, path: str, batch: int, seq_len: int, oom=False) -> d
     return {
         "run_id": f"b{second}", "time": f"2026-01-02T00:00:{second % 60:02d}+0000", "mode": "bench",
         "kind": "bench_cell", "model": "llama7b", "method": method, "config": {"method": settings(method)},
+        "display": display(settings(method)),
         "device": {"name": "H100"}, "oom": oom, "error": "OutOfMemoryError" if oom else None,
         "bench": {"batch": batch, "seq_len": seq_len, "new_tokens": 8, "path": path, "dtype": "float16",
                   "ttft_ms": stats(seq_len * 0.05 * speed), "ttnt_ms": stats(20 * speed),
@@ -197,9 +211,7 @@ def test_table3_rows_are_the_membership_sweep(report, results):
     rows = table_rows(results / "tables" / "table3_llama7b.md")
     for n in swept("membership_tokens", (1, 3, 5, 10)):
         assert rows[f"CHAI, {n} token{'s' if n > 1 else ''}"][0] == f"{-5 / n:+.1f}"
-    default = settings("chai").get("membership_tokens")
-    if default in (1, 3, 5, 10):  # the default CHAI cell fills its own row
-        assert rows[f"CHAI, {default} token{'s' if default > 1 else ''}"][0] == "-2.0"
+    assert rows["CHAI, 5 tokens"][0] == "-2.0"  # CHAI's default: the default CHAI cell fills its own row
 
 
 def test_latest_record_per_cell_and_compute_share(results):
@@ -209,17 +221,41 @@ def test_latest_record_per_cell_and_compute_share(results):
     mha = frame[(frame["method"] == "mha") & (frame["task"] == "piqa") & frame["limit"].isna()]
     assert len(mha) == 1 and mha["acc"].iloc[0] == pytest.approx(0.78)
     four = frame[(frame["method"] == "chai") & frame["settings"].map(lambda s: s.get("num_clusters") == 4)]
-    first = settings("chai").get("first_clustered_layer") or 0
-    assert four["compute"].iloc[0] == pytest.approx((first * HEADS + (LAYERS - first) * 4) / (LAYERS * HEADS))
+    assert four["compute"].iloc[0] == pytest.approx(4 / HEADS)  # from the counts CHAI reported per layer
+    assert (mha["compute"] == 1.0).all()  # the baseline
 
 
-def test_compute_share_prefers_what_the_method_reports():
+def test_compute_share_is_what_the_method_reports():
     from chai.report.loading import attention_compute
 
-    rec = record("chai", "piqa", 0.7)
-    rec["method_info"] = {"clusters_per_layer": ["dense"] * 2 + [8] * 30}
+    rec = clusters(record("chai", "piqa", 0.7), 8, first=2)
     assert attention_compute(rec, {}) == pytest.approx((2 * 32 + 30 * 8) / (32 * 32))
-    assert attention_compute(record("chai", "piqa", 0.7), {}) != attention_compute(rec, {})  # NaN: unknown
+    rec["method_info"]["attention_compute_fraction"] = 0.5  # a method's own figure wins
+    assert attention_compute(rec, {}) == 0.5
+    unreported = record("chai", "piqa", 0.7, num_clusters=4)  # the settings are never re-derived into a share
+    assert math.isnan(attention_compute(unreported, {}))
+
+
+def test_rows_are_named_and_ordered_by_the_records_display(tmp_path):
+    """A row's name and place are its records' display: relabel and reorder CHAI-static in its records and the
+    table follows (no list of methods in the report)."""
+    recs = [record("mha", "piqa", 0.7), record("chai", "piqa", 0.6), record("chai_static", "piqa", 0.65)]
+    for rec in recs:  # a relabelled, reordered CHAI-static: before CHAI now
+        if rec["method"] == "chai_static":
+            rec["display"] = {**rec["display"], "label": "Fixed groups", "order": 5}
+    write_tables(latest(eval_frame(recs)), tmp_path, paper={})
+    names = list(table_rows(tmp_path / "table1_llama7b.md"))
+    assert names == ["Method", "MHA", "Fixed groups", "CHAI", "n"]
+
+
+def test_an_older_record_without_a_newer_setting_still_fills_its_row(tmp_path):
+    """Records written before a method config listed all of its dataclass's settings (CHAI-static before it had
+    membership_tokens, ...) still make "the" CHAI-static row: a missing setting counts as its default."""
+    old = record("chai_static", "piqa", 0.65)
+    for key in ("membership_tokens", "cluster_algo", "representative", "first_tokens", "causal_features"):
+        del old["config"]["method"][key]
+    write_tables(latest(eval_frame([record("mha", "piqa", 0.7), old])), tmp_path, paper={})
+    assert table_rows(tmp_path / "table1_llama7b.md")["CHAI-static"][0] == "-5.0"
 
 
 def test_empty_results_skip_everything_with_a_reason(tmp_path):
@@ -244,6 +280,19 @@ def test_tables_skip_when_only_mha_is_recorded(tmp_path):
     frame = latest(eval_frame([record("mha", "piqa", 0.7)]))
     written, skipped = write_tables(frame, tmp_path)
     assert written == [] and all("no method besides MHA" in why for why in skipped)
+
+
+def test_the_report_code_names_no_method():
+    """Which cells the tables show is data (chai/report/report.yaml), how a method is shown is its records': no
+    string in chai/report/*.py is a method's name."""
+    import ast
+
+    from chai.method_defaults import all_defaults
+
+    for path in sorted((ROOT / "chai" / "report").glob("*.py")):
+        strings = {node.value for node in ast.walk(ast.parse(path.read_text()))
+                   if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+        assert not strings & set(all_defaults()), path.name
 
 
 def test_the_report_never_imports_torch():

@@ -130,14 +130,14 @@ class SparQ(Method):
     name = "sparq"
     label, order, color = "SparQ", 30, "tab:purple"
 
-    compression: float | None = 8
-    r: int | None = None
+    compression: float | None = 8  # c: r = round(head_dim / c), k = round(S / (2c)) per query row of context S
+    r: int | None = None  # explicit r / k override the derived ones (k explicit: the fixed-k variant)
     k: int | None = None
-    local_fraction: float = 0.25
+    local_fraction: float = 0.25  # local_k = floor(k / 4): the most recent positions always kept
     reallocate_to_mean: bool = True
     dense_prefix: int = 0
-    store_k_twice: bool = False
-    reference_context: int = 2048
+    store_k_twice: bool = False  # the authors' fast layout: a second K copy, counted in K memory
+    reference_context: int = 2048  # context length for the bytes-per-decode-step figures in the record
 
     def __post_init__(self):
         def integer(value, low):

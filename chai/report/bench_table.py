@@ -8,7 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-SETTING = {"chai": "layer_clusters", "dejavu_static": "sparsity", "sparq": "compression"}
+from chai.report.loading import display_of
+
 HEADER = ("| batch | seq | method | path | TTFT ms | TTFT no-cluster ms | TTFT x sdpa | TTNT ms | x eager | x sdpa "
           "| x static | roofline ms | of roofline | K,V of bytes | predicted x | of predicted | K,V MB | K,V saved |")
 
@@ -18,7 +19,8 @@ def _f(x, fmt=".2f"):
 
 
 def _latest_cells(path: Path) -> tuple[dict, dict]:
-    """{(model, gpu, batch, seq, label, path): (label, bench, error)} and {(model, gpu): note}."""
+    """{(model, gpu, batch, seq, display order, label, path): (label, bench, error)} and {(model, gpu): note}; a
+    method is named and ordered by its record's display."""
     latest, notes = {}, {}
     for line in path.read_text().splitlines():
         try:
@@ -27,9 +29,9 @@ def _latest_cells(path: Path) -> tuple[dict, dict]:
             continue
         if r.get("kind") != "bench_cell":
             continue
-        b, method, where = r["bench"], r["method"], (r["model"], r["device"]["name"])
-        label = f"{method} {r['config']['method'][SETTING[method]]}" if method in SETTING else method
-        latest[(*where, b["batch"], b["seq_len"], label, b["path"])] = (label, b, r.get("error"))
+        b, shown, where = r["bench"], display_of(r), (r["model"], r["device"]["name"])
+        latest[(*where, b["batch"], b["seq_len"], shown["order"], shown["label"], b["path"])] = (
+            shown["label"], b, r.get("error"))
         bandwidth = (b.get("bandwidth") or {}).get("bandwidth_GBps")
         notes[where] = (f"copy bandwidth {_f(bandwidth, '.0f')} GB/s; new_tokens={b['new_tokens']}, "
                         f"dtype={b['dtype']}. Speedups: baseline time / this time.")
@@ -61,7 +63,7 @@ def render(path: Path) -> str:
     out = []
     for where, note in sorted(notes.items()):
         out += [f"### {where[0]} on {where[1]}", "", note, "", HEADER, "|" + "---|" * 18]
-        out += [_row(batch, seq, *cell) for (*w, batch, seq, _, _), cell in sorted(latest.items())
+        out += [_row(batch, seq, *cell) for (*w, batch, seq, _, _, _), cell in sorted(latest.items())
                 if tuple(w) == where]
         out.append("")
     return "\n".join(out) + "\n"

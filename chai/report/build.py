@@ -17,7 +17,7 @@ import pandas as pd
 from chai.report import figures_accuracy, figures_analysis, figures_bench
 from chai.report.bench_table import write_bench_table
 from chai.report.loading import (ADHOC, bench_frame, eval_frame, latest, load_calibrations, load_records,
-                                 membership_frame)
+                                 membership_frame, report_config)
 from chai.report.style import plt
 from chai.report.tables import write_long_form, write_tables
 
@@ -58,10 +58,8 @@ def _steps(data: dict, results: Path, metric: str) -> list:
     return [
         ("tables", "tables", lambda d, o: write_tables(d, o, metric), accuracy, True),
         ("accuracy_cells", "tables", lambda d, o: (write_long_form(d, o), []), accuracy, False),
-        ("fig01", "figures", lambda d, o: figures_accuracy.accuracy_vs_compute(d, o, metric), accuracy, True),
-        ("sweep_clusters", "figures", lambda d, o: figures_accuracy.clusters_sweep(d, o, metric), accuracy, True),
-        ("sweep_first_layer", "figures", lambda d, o: figures_accuracy.first_layer_sweep(d, o, metric), accuracy,
-         True),
+        *((name, "figures", lambda d, o, name=name: figures_accuracy.sweep_figures(name, d, o, metric), accuracy,
+           True) for name in report_config()["sweeps"]),
         ("fig06/07/08/13", "figures", figures_analysis.calibration_figures, data["calibrations"], True),
         ("fig09", "figures", figures_analysis.membership_figure, data["membership"], True),
         ("fig11", "figures", figures_bench.latency_figures, bench, True),

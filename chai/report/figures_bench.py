@@ -1,8 +1,9 @@
 """Bench figures from mode=bench cell records: latency over sequence length (paper Fig. 11: time to first token and
 time per next token, median with the p10-p90 band) and K,V memory (Fig. 12: bytes held by the cache, analytic and
 measured, and the allocator's peak). One figure per model, one row of panels per batch size, one legend per figure.
-A method keeps one colour in both figures; the bench path (MHA's eager / SDPA / static+compiled baselines, a method's
-own dynamic or static path) is the line style. OOM cells are listed in the panel.
+A method keeps its colour (the records' display) in both figures; the bench path (MHA's eager / SDPA /
+static+compiled baselines, a method's own dynamic or static path) is the line style. OOM cells are listed in the
+panel.
 """
 
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.lines import Line2D
 
-from chai.report.style import figure_legend, figure_title, log_axis, method_label, panels, save
+from chai.report.style import figure_legend, figure_title, log_axis, method_styles, panels, save
 
 MEMORY_PATHS = ("sdpa", "method")  # one dynamic-cache line per method: the static paths hold the same K,V
 PATH_STYLES = {  # bench path -> (line style, legend text); chai/bench.py compares method to sdpa, static to static
@@ -20,29 +21,18 @@ PATH_STYLES = {  # bench path -> (line style, legend text); chai/bench.py compar
     "static_compiled": ("--", "static cache, compiled / captured decode step"),
     "method_static": ("--", "static cache, compiled / captured decode step"),
 }
-MARKERS = "osD^vP*Xph"  # measured K,V of the i-th method: a distinct shape, so coinciding methods stay apart
-
-
-def _method(row) -> str:
-    return method_label(row["method"], row["settings"])
-
-
-def _colours(part: pd.DataFrame) -> dict[str, str]:
-    """One colour per method of a model, shared by its latency and memory figures."""
-    return {label: f"C{i % 10}" for i, label in enumerate(sorted(set(part.apply(_method, axis=1))))}
 
 
 def _lines(rows: pd.DataFrame):
     """(method label, path, rows sorted by prompt length) per line."""
-    labelled = rows.assign(label=rows.apply(_method, axis=1))
-    for (label, path), line in labelled.groupby(["label", "path"], sort=True):
+    for (label, path), line in rows.groupby(["label", "path"], sort=True):
         yield label, path, line.sort_values("seq_len")
 
 
 def _oom_note(ax, rows: pd.DataFrame) -> None:
     oom = rows[rows["oom"]]
     if not oom.empty:
-        text = "; ".join(f"{_method(r)} ({r['path']}) S={r['seq_len']}" for _, r in oom.iterrows())
+        text = "; ".join(f"{r['label']} ({r['path']}) S={r['seq_len']}" for _, r in oom.iterrows())
         ax.text(0.01, 0.99, f"OOM: {text}", transform=ax.transAxes, fontsize=6, va="top", color="crimson")
 
 
@@ -71,7 +61,7 @@ def latency_figures(frame: pd.DataFrame, out: Path) -> tuple[list, list]:
     done, skipped = _failed_models(frame, "fig11")
     written = []
     for model, ran in done.groupby("model", sort=True):
-        part, colours = frame[frame["model"] == model], _colours(ran)
+        part, styles = frame[frame["model"] == model], method_styles(ran)
         batches = sorted(ran["batch"].unique())
         fig, axes = panels(2 * len(batches), width=4.4, height=3.2, max_cols=2, layout="constrained")
         for b, batch in enumerate(batches):
@@ -79,22 +69,22 @@ def latency_figures(frame: pd.DataFrame, out: Path) -> tuple[list, list]:
                                      (axes[2 * b + 1], "ttnt_ms", "time per next token (ms)")):
                 for label, path, line in _lines(ran[ran["batch"] == batch]):
                     style = PATH_STYLES.get(path, ("-.", path))[0]
-                    ax.plot(line["seq_len"], line[f"{metric}_median"], color=colours[label], linestyle=style,
+                    ax.plot(line["seq_len"], line[f"{metric}_median"], color=styles[label][0], linestyle=style,
                             marker="o", markersize=3)
                     ax.fill_between(line["seq_len"], line[f"{metric}_p10"], line[f"{metric}_p90"], alpha=0.15,
-                                    color=colours[label], linewidth=0)
+                                    color=styles[label][0], linewidth=0)
                 ax.set_yscale("log")
                 log_axis(ax.yaxis)
                 _prompt_axis(ax, part[part["batch"] == batch], name, batch)
-        _latency_legend(fig, colours, sorted(set(ran["path"])))
+        _latency_legend(fig, styles, sorted(set(ran["path"])))
         figure_title(fig, f"Latency: {model} (median, band p10-p90; log time axis)")
         written += save(fig, out, f"fig11_latency_{model}")
     return written, skipped
 
 
-def _latency_legend(fig, colours: dict[str, str], paths: list[str]) -> None:
-    """Methods by colour, then bench paths by line style (grey)."""
-    methods = [(Line2D([], [], color=c, marker="o", markersize=4), label) for label, c in colours.items()]
+def _latency_legend(fig, styles: dict[str, tuple[str, str]], paths: list[str]) -> None:
+    """Methods by colour (in display order), then bench paths by line style (grey)."""
+    methods = [(Line2D([], [], color=c, marker="o", markersize=4), label) for label, (c, _) in styles.items()]
     styles = {}
     for path in paths:
         style, text = PATH_STYLES.get(path, ("-.", path))
@@ -119,15 +109,16 @@ def _same_curve(a: pd.Series, b: pd.Series) -> bool:
     return len(common) > 0 and bool(((a[common] - b[common]).abs() <= 1e-3 * b[common].abs()).all())
 
 
-def _draw_nested(ax, lines: list, column: str, colours: dict, measured: bool) -> None:
+def _draw_nested(ax, lines: list, column: str, styles: dict, measured: bool) -> None:
     """`column` in MiB, one curve per method: a line (analytic, peak) or hollow markers (measured). A curve that a
     later one lies on is drawn wider and beneath it, so coinciding methods (equal bytes) both stay visible."""
     curves = [(label, line.groupby("seq_len")[column].mean() / 2**20) for label, _, line in lines]
+    curves.sort(key=lambda curve: list(styles).index(curve[0]))  # display order: the baseline widest, beneath
     for i, (label, y) in enumerate(curves):
         under = sum(_same_curve(y, other) for _, other in curves[i + 1:])
-        colour, order = colours[label], list(colours).index(label)
+        colour, marker = styles[label]
         if measured:
-            ax.plot(y.index, y.values, linestyle="none", marker=MARKERS[order % len(MARKERS)], markersize=4 + 3 * under,
+            ax.plot(y.index, y.values, linestyle="none", marker=marker, markersize=4 + 3 * under,
                     markerfacecolor="none", color=colour, zorder=3 + i)
         else:
             ax.plot(y.index, y.values, color=colour, linewidth=1.2 + 3 * under, alpha=0.5 if under else 1,
@@ -141,7 +132,7 @@ def memory_figures(frame: pd.DataFrame, out: Path) -> tuple[list, list]:
     done, skipped = _failed_models(frame, "fig12")
     written = []
     for model, ran in done.groupby("model", sort=True):
-        colours = _colours(ran)  # before the path filter: the same colours as the model's latency figure
+        styles = method_styles(ran)  # before the path filter: the same colours as the model's latency figure
         ran = ran[ran["path"].isin(MEMORY_PATHS)]
         part = frame[(frame["model"] == model) & frame["path"].isin(MEMORY_PATHS)]
         if ran.empty:
@@ -152,22 +143,22 @@ def memory_figures(frame: pd.DataFrame, out: Path) -> tuple[list, list]:
         for b, batch in enumerate(batches):
             lines = list(_lines(ran[ran["batch"] == batch]))
             cache_ax, peak_ax = axes[2 * b], axes[2 * b + 1]
-            _draw_nested(cache_ax, lines, "kv_analytic", colours, measured=False)
-            _draw_nested(cache_ax, lines, "kv_measured_cache", colours, measured=True)
-            _draw_nested(peak_ax, lines, "kv_allocator_peak", colours, measured=False)
+            _draw_nested(cache_ax, lines, "kv_analytic", styles, measured=False)
+            _draw_nested(cache_ax, lines, "kv_measured_cache", styles, measured=True)
+            _draw_nested(peak_ax, lines, "kv_allocator_peak", styles, measured=False)
             _prompt_axis(cache_ax, part[part["batch"] == batch], "K,V cache (MiB)", batch)
             _prompt_axis(peak_ax, part[part["batch"] == batch], "allocator peak (MiB)", batch)
             peak_ax.set_title(f"allocator peak: cache + transient workspace, batch {batch}", fontsize=9)
-        _memory_legend(fig, colours, set(ran.apply(_method, axis=1)))
+        _memory_legend(fig, styles, set(ran["label"]))
         figure_title(fig, f"K,V memory: {model}")
         written += save(fig, out, f"fig12_memory_{model}")
     return written, skipped
 
 
-def _memory_legend(fig, colours: dict[str, str], shown: set[str]) -> None:
+def _memory_legend(fig, styles: dict[str, tuple[str, str]], shown: set[str]) -> None:
     """The methods drawn, by colour and marker, then what a line and a hollow marker mean (grey)."""
-    methods = [(Line2D([], [], color=c, marker=MARKERS[i % len(MARKERS)], markerfacecolor="none"), label)
-               for i, (label, c) in enumerate(colours.items()) if label in shown]
+    methods = [(Line2D([], [], color=c, marker=marker, markerfacecolor="none"), label)
+               for label, (c, marker) in styles.items() if label in shown]
     styles = [(Line2D([], [], color="dimgray"), "line: analytic K,V (left), allocator peak (right)"),
               (Line2D([], [], color="dimgray", linestyle="none", marker="o", markerfacecolor="none"),
                "hollow marker: measured K,V in the cache")]

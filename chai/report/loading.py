@@ -1,9 +1,10 @@
 """Records -> tidy pandas frames: one row per successful cell, the latest record per cell.
 
 A cell is (model, method and its settings, task, limit) for accuracy, (model, method settings, batch, seq_len,
-new_tokens, path, dtype) for the bench; re-running a cell appends a newer record, and the newest wins. A method's
-settings are compared with its current defaults (conf/method/<name>.yaml, following its `defaults:`) to pick "the"
-CHAI of a table out of the sweep points.
+new_tokens, path, dtype) for the bench; re-running a cell appends a newer record, and the newest wins. How a method
+is shown (label, order, colour) is the record's own `display`. Which records make "the" CHAI of a table, out of the
+sweep points: those whose settings are what Hydra composes for the cell's overrides (`method_cell("method=chai")`),
+a setting an older record lacks counting as its dataclass default.
 """
 
 import json
@@ -12,10 +13,14 @@ from functools import cache
 from pathlib import Path
 
 import pandas as pd
-from omegaconf import OmegaConf
+import yaml
 
+from chai.method_defaults import method_defaults as dataclass_defaults
 from chai.paths import CONF_DIR
-from chai.records import read_jsonl
+from chai.records import method_key, read_jsonl
+
+REPORT_FILE = Path(__file__).with_name("report.yaml")
+UNSHOWN_ORDER = 50  # a record without `display` (written before it existed, by hand): Method.order's default
 
 
 ADHOC = "adhoc"  # conf/config.yaml's default experiment_name: runs nobody curated (results/adhoc/ is gitignored)
@@ -44,23 +49,37 @@ def load_calibrations(results: Path) -> dict[str, dict]:
 
 
 @cache
-def _method_file(name: str) -> dict | None:
-    path = CONF_DIR / "method" / f"{name}.yaml"
-    if not path.exists():
+def report_config() -> dict:
+    """chai/report/report.yaml: the baseline, the tables' rows, the sweep figures."""
+    return yaml.safe_load(REPORT_FILE.read_text())
+
+
+@cache
+def method_cell(overrides: str) -> dict | None:
+    """The method config (name and every setting) `python run.py <overrides>` runs, composed by Hydra; None when
+    the overrides name no method config (one since renamed)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    listed = overrides.split()
+    if any(o.startswith("method=") and not (CONF_DIR / "method" / f"{o[7:]}.yaml").exists() for o in listed):
         return None
-    node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    merged: dict = {}
-    for parent in node.pop("defaults", []):
-        if isinstance(parent, str) and parent != "_self_":
-            merged.update(_method_file(parent) or {})
-    merged.update(node)
-    return merged
+    if GlobalHydra.instance().is_initialized():  # inside a Hydra app (its config dir is conf/ too)
+        return OmegaConf.to_container(compose(config_name="config", overrides=listed).method, resolve=True)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return OmegaConf.to_container(compose(config_name="config", overrides=listed).method, resolve=True)
 
 
 def method_defaults(name: str) -> dict | None:
-    """A method's default settings (without `name`), or None when no config of that name exists."""
-    found = _method_file(name)
+    """The settings `method=<name>` runs with (without `name`), or None when no config of that name exists."""
+    found = method_cell(f"method={name}")
     return None if found is None else {k: v for k, v in found.items() if k != "name"}
+
+
+def baseline() -> dict:
+    """The baseline's method config (report.yaml `baseline`)."""
+    return method_cell(f"method={report_config()['baseline']}")
 
 
 def settings_of(record: dict) -> dict:
@@ -69,6 +88,19 @@ def settings_of(record: dict) -> dict:
 
 def settings_key(settings: dict) -> str:
     return json.dumps(settings, sort_keys=True, default=str)
+
+
+def display_of(record: dict) -> dict:
+    """How the report shows the record's method: its `display`, else its name, unordered, no colour of its own."""
+    shown = record.get("display") if isinstance(record.get("display"), dict) else {}
+    method = str(record.get("method"))
+    return {"label": shown.get("label") or method, "family": shown.get("family") or method,
+            "order": shown.get("order", UNSHOWN_ORDER), "color": shown.get("color")}
+
+
+def _cell_key(record: dict) -> str:
+    """A record's method as a cell: name and the settings off their defaults (older records list fewer settings)."""
+    return settings_key(method_key({"name": record.get("method"), **settings_of(record)}))
 
 
 def model_shape(record: dict, calibrations: dict) -> tuple[int | None, int | None]:
@@ -82,25 +114,18 @@ def model_shape(record: dict, calibrations: dict) -> tuple[int | None, int | Non
 
 
 def attention_compute(record: dict, calibrations: dict) -> float:
-    """Attention-score compute relative to MHA (1.0): the mean over layers of clusters/heads.
-
-    From the method's own report when it gives one (`method_info.attention_compute_fraction`, or per-layer
-    `clusters_per_layer`, "dense" for an MHA layer), else from `num_clusters` and `first_clustered_layer`
-    (earlier layers stay dense).
-    NaN when neither is known."""
-    if record.get("method") == "mha":
+    """Attention-score compute relative to the baseline (1.0), as the method reported it: its
+    `method_info.attention_compute_fraction`, or the mean over layers of clusters/heads from its per-layer
+    `clusters_per_layer` ("dense" for a layer left as MHA). NaN when it reported neither."""
+    if record.get("method") == baseline()["name"]:
         return 1.0
-    info, settings = record.get("method_info") or {}, settings_of(record)
-    layers, heads = model_shape(record, calibrations)
+    info = record.get("method_info") or {}
     if isinstance(info.get("attention_compute_fraction"), (int, float)):
         return float(info["attention_compute_fraction"])
     per_layer = info.get("clusters_per_layer")  # ints, "dense" (or None) for a layer left as MHA
+    heads = model_shape(record, calibrations)[1]
     if isinstance(per_layer, list) and per_layer and heads:
         return sum(min(k, heads) if isinstance(k, int) else heads for k in per_layer) / (len(per_layer) * heads)
-    k = settings.get("num_clusters")
-    if isinstance(k, int) and layers and heads:
-        first = min(int(settings.get("first_clustered_layer") or 0), layers)
-        return (first * heads + (layers - first) * min(k, heads)) / (layers * heads)
     return math.nan
 
 
@@ -120,6 +145,7 @@ def eval_frame(records: list[dict], calibrations: dict | None = None) -> pd.Data
         rows.append({
             "model": r.get("model"), "method": r.get("method"), "task": r.get("task"),
             "limit": task_cfg.get("limit"), "settings": settings, "settings_key": settings_key(settings),
+            "cell": _cell_key(r), **display_of(r),
             **{m: r["metrics"].get(m, math.nan) for m in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")},
             "n_examples": r.get("n_examples"),
             "kv_measured": (kv.get("measured") or {}).get("total", math.nan),
@@ -127,7 +153,7 @@ def eval_frame(records: list[dict], calibrations: dict | None = None) -> pd.Data
             "compute": attention_compute(r, calibrations),
             "time": r.get("time"), "run_id": r.get("run_id"), "experiment": r.get("experiment"),
         })
-    return _framed(rows, ("model", "method", "settings_key", "task", "limit"))
+    return _framed(rows, ("model", "method", "cell", "task", "limit"))
 
 
 def bench_frame(records: list[dict]) -> pd.DataFrame:
@@ -141,7 +167,8 @@ def bench_frame(records: list[dict]) -> pd.DataFrame:
         settings = settings_of(r)
         row = {
             "model": r.get("model"), "method": r.get("method"), "settings": settings,
-            "settings_key": settings_key(settings), "batch": b.get("batch"), "seq_len": b.get("seq_len"),
+            "settings_key": settings_key(settings), "cell": _cell_key(r), **display_of(r),
+            "batch": b.get("batch"), "seq_len": b.get("seq_len"),
             "new_tokens": b.get("new_tokens"), "path": b.get("path"), "dtype": b.get("dtype"),
             "device": (r.get("device") or {}).get("name"),
             "oom": bool(b.get("oom") or r.get("oom")), "failed": bool(r.get("error") or b.get("error")),
@@ -154,7 +181,7 @@ def bench_frame(records: list[dict]) -> pd.DataFrame:
         for name in ("analytic", "measured_cache", "allocator_peak"):
             row[f"kv_{name}"] = kv.get(name, math.nan)
         rows.append(row)
-    keys = ("model", "method", "settings_key", "batch", "seq_len", "new_tokens", "path", "dtype", "device")
+    keys = ("model", "method", "cell", "batch", "seq_len", "new_tokens", "path", "dtype", "device")
     return _framed(rows, keys)
 
 
@@ -187,18 +214,20 @@ def latest(frame: pd.DataFrame) -> pd.DataFrame:
     return picked.reset_index(drop=True)
 
 
-def matching(frame: pd.DataFrame, method: str, fixed: dict | None = None, vary: tuple = ()) -> pd.DataFrame:
-    """Rows of `method` whose settings are its defaults with `fixed` applied, apart from the keys in `vary`.
-
-    Without a config for the method (a record from a method since renamed) only `fixed` is checked."""
-    fixed = fixed or {}
-    rows = frame[frame["method"] == method] if not frame.empty else frame
-    expected = {**(method_defaults(method) or {}), **fixed}
-    wanted = {k: v for k, v in expected.items() if k not in vary}
-    if rows.empty or not wanted:
+def matching(frame: pd.DataFrame, wanted: dict | None, vary: tuple = ()) -> pd.DataFrame:
+    """Rows of the method config `wanted` (a `method_cell(...)`: name and settings) with those settings, apart from the
+    keys in `vary`. A setting a record lacks (recorded before the method had it) counts as its dataclass default.
+    None (a cell whose config is gone): no rows."""
+    if wanted is None or frame.empty:
+        return frame.iloc[0:0]
+    name = wanted["name"]
+    rows = frame[frame["method"] == name]
+    defaults = dataclass_defaults(name) or {}
+    expected = {k: v for k, v in wanted.items() if k != "name" and k not in vary}
+    if rows.empty or not expected:
         return rows
-    keep = rows["settings"].map(lambda s: all(_same(s.get(k), v) for k, v in wanted.items())).astype(bool)
-    return rows[keep]
+    keep = rows["settings"].map(lambda s: all(_same(s.get(k, defaults.get(k)), v) for k, v in expected.items()))
+    return rows[keep.astype(bool)]
 
 
 def _same(a, b) -> bool:

@@ -1,4 +1,5 @@
-"""What every table and figure shares: method and task names as the paper writes them, and how a figure is saved.
+"""What every table and figure shares: task names as the paper writes them, a figure's colours and markers for the
+methods it shows (from the records' display), and how a figure is saved.
 
 Matplotlib runs headless (Agg): reports are built on servers and in CI.
 """
@@ -10,28 +11,31 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.colors import to_hex  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter, NullLocator  # noqa: E402
 
 TASKS = ("piqa", "hellaswag", "arc_challenge", "arc_easy", "boolq")
 TASK_NAMES = {"piqa": "PIQA", "hellaswag": "HellaSwag", "arc_challenge": "ARC-C", "arc_easy": "ARC-E",
               "boolq": "BoolQ", "openbookqa": "OBQA", "winogrande": "WinoGrande"}
-METHOD_NAMES = {"mha": "MHA", "chai": "CHAI", "chai_static": "CHAI-static", "chai_qkv": "CHAI-QKV",
-                "random_groups": "Random groups", "dejavu_static": "DejaVu-static", "sparq": "SparQ"}
+MARKERS = "os^DvP*Xph"  # the i-th method of a figure (display order): a distinct shape, so coinciding lines stay apart
 
 
-def method_label(method: str, settings: dict | None = None) -> str:
-    """'CHAI', 'DejaVu-static 30%', 'SparQ 8x': the paper's name plus the setting that tells variants apart."""
-    settings = settings or {}
-    name = METHOD_NAMES.get(method, method)
-    if method == "dejavu_static" and isinstance(settings.get("sparsity"), (int, float)):
-        return f"{name} {settings['sparsity'] * 100:.0f}%"
-    if method == "sparq" and settings.get("compression") is not None:
-        return f"{name} {settings['compression']}x"
-    preset = settings.get("layer_clusters")
-    if method.startswith("chai") and isinstance(preset, str) and preset != "auto":
-        return f"{name} {preset}"  # the released per-layer lists (llama7b_jul2024, ...) are different methods
-    return name
+def method_styles(rows) -> dict[str, tuple[str, str]]:
+    """{label: (colour, marker)} for the methods in `rows` (a frame with the records' display: label, order, color),
+    in display order: each method its own colour, or (none given, or an earlier label of the figure has it, e.g. a
+    second CHAI variant) the next colour of matplotlib's cycle that no label of the figure uses; markers in turn."""
+    shown = rows[["label", "order", "color"]].drop_duplicates("label").sort_values(["order", "label"], kind="stable")
+    wanted = [c if isinstance(c, str) else None for c in shown["color"]]
+    taken = {to_hex(c) for c in wanted if c}
+    free = (c for c in (f"C{i}" for i in range(100)) if to_hex(c) not in taken)
+    styles, used = {}, set()
+    for i, (label, colour) in enumerate(zip(shown["label"], wanted)):
+        if not colour or to_hex(colour) in used:
+            colour = next(free)
+        used.add(to_hex(colour))
+        styles[label] = (colour, MARKERS[i % len(MARKERS)])
+    return styles
 
 
 def task_label(task: str) -> str:

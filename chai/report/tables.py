@@ -1,25 +1,25 @@
-"""Tables 1-3 as Markdown and LaTeX: MHA's accuracy absolute, every other method as its difference from MHA in
-points, the paper's number beside ours where chai/report/paper.yaml has it.
+"""Tables 1-3 as Markdown and LaTeX: the baseline's accuracy absolute, every other method as its difference from the
+baseline in points, the paper's number beside ours where chai/report/paper.yaml has it.
 
-- Table 1 (the paper's): MHA, CHAI, CHAI-static, DejaVu-static 10/30/50%, SparQ on the five paper tasks.
-- Table 2 (ours): CHAI against its variants (clustering on Q,K,V outputs, offline-fixed groups, random groups).
-- Table 3 (ours): CHAI with cluster membership decided after 1, 3, 5 or 10 tokens.
+Which cells each table shows is data (chai/report/report.yaml `tables`: a row is the overrides that record the cell,
+e.g. `method=dejavu_static method.sparsity=0.1`); how a row is named and where it goes, the records' own `display`
+(label, then rows in display order). Nothing here names a method.
 
 One table per (model, task.limit) present: rows scored on different subsets never share a table. A row is the
-method at its default settings with the row's own settings applied (`loading.matching`); rows without any record
-are left out and named under the table. A last column gives the K,V bytes per token the method keeps, measured in
-a real cache, as a share of MHA's.
+records whose method settings are the ones Hydra composes for its overrides (`loading.matching`); rows without any
+record are left out and named under the table. A last column gives the K,V bytes per token the method keeps,
+measured in a real cache, as a share of the baseline's.
 """
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
-from chai.report.loading import matching
+from chai.report.loading import baseline, matching, method_cell, report_config
 from chai.report.style import ordered_tasks, task_label
 
 PAPER_FILE = Path(__file__).with_name("paper.yaml")
@@ -28,34 +28,22 @@ PAPER_FILE = Path(__file__).with_name("paper.yaml")
 @dataclass(frozen=True)
 class Row:
     id: str  # key into paper.yaml
-    label: str
-    method: str
-    fixed: dict = field(default_factory=dict)
+    overrides: str  # what `python run.py` is given to record the row's cells
+    label: str = "{label}"  # the row's name; {label}: the records' display label
+    baseline: bool = False
 
 
-TABLES = {
-    "table1": (
-        "Zero-shot accuracy of each method (paper Table 1)",
-        [Row("mha", "MHA", "mha"), Row("chai", "CHAI", "chai"), Row("chai_static", "CHAI-static", "chai_static"),
-         *(Row(f"dejavu_static_{p}", f"DejaVu-static {p}%", "dejavu_static", {"sparsity": p / 100})
-           for p in (10, 30, 50)),
-         *(Row(f"sparq_{x}x", f"SparQ {x}x", "sparq", {"compression": x}) for x in (2, 4, 8))],
-    ),
-    "table2": (
-        "CHAI against its variants (ours)",
-        [Row("mha", "MHA", "mha"), Row("chai", "CHAI", "chai"), Row("chai_qkv", "CHAI on Q,K,V outputs", "chai_qkv"),
-         Row("chai_static", "CHAI-static", "chai_static"), Row("random_groups", "Random groups", "random_groups")],
-    ),
-    "table3": (
-        "CHAI with cluster membership decided after n tokens (ours)",
-        [Row("mha", "MHA", "mha"),
-         *(Row(f"chai_tokens_{n}", f"CHAI, {n} token{'s' if n > 1 else ''}", "chai", {"membership_tokens": n})
-           for n in (1, 3, 5, 10))],
-    ),
-}
-
-
-SOURCES = {"table1": "table", "table2": "ablations", "table3": "membership_tokens"}  # experiment behind each
+def tables() -> dict[str, tuple[str, str, list[Row]]]:
+    """{table name: (title, the experiment that records it, its rows, the baseline first)} from report.yaml."""
+    config = report_config()
+    first = Row(config["baseline"], f"method={config['baseline']}", baseline=True)
+    found = {}
+    for name, table in config["tables"].items():
+        rows = [Row(row_id, **({"overrides": spec} if isinstance(spec, str) else
+                               {"overrides": spec["cell"], "label": spec.get("label", "{label}")}))
+                for row_id, spec in table["rows"].items()]
+        found[name] = (table["title"], table["experiment"], [first, *rows])
+    return found
 
 
 def load_paper(path: Path = PAPER_FILE) -> dict:
@@ -78,49 +66,52 @@ def _value(rows: pd.DataFrame, task: str, column: str) -> float:
 
 
 def table_cells(frame: pd.DataFrame, rows: list[Row], metric: str, paper: dict, source_model: str | None):
-    """The grid of one table: (tasks, [(row, [(ours, paper) per task + K,V column])], missing row labels, n).
-    `source_model`: the paper model whose numbers fill the (paper) half of the cells."""
+    """The grid of one table: (tasks, [(label, is baseline, [(ours, paper) per task + K,V column])], missing rows'
+    overrides, n); the baseline first, then the rows in display order. `source_model`: the paper model whose
+    numbers fill the (paper) half of the cells."""
     tasks = ordered_tasks(frame["task"].unique())
-    mha = matching(frame, "mha")
-    base = {t: _value(mha, t, metric) for t in tasks}
-    base_kv = mha["kv_measured"].mean() if not mha.empty else math.nan
+    base_rows = matching(frame, baseline())
+    base = {t: _value(base_rows, t, metric) for t in tasks}
+    base_kv = base_rows["kv_measured"].mean() if not base_rows.empty else math.nan
     deltas = (paper.get("delta") or {}).get(source_model) or {}
     absolutes = (paper.get("absolute") or {}).get(source_model) or {}
     grid, missing = [], []
-    for row in rows:
-        found = matching(frame, row.method, row.fixed)
+    for place, row in enumerate(rows):
+        found = matching(frame, method_cell(row.overrides))
         if found.empty:
-            missing.append(row.label)
+            missing.append(row.overrides)
             continue
         cells = []
         for task in tasks:
             ours = _value(found, task, metric)
-            if row.method == "mha":
+            if row.baseline:
                 stderr = _value(found, task, f"{metric}_stderr")
                 text = "—" if math.isnan(ours) else f"{ours * 100:.1f} ± {stderr * 100:.1f}"
                 theirs = (absolutes.get(row.id) or {}).get(task)
             else:
-                # without an MHA record for the task the difference is unknown: show the absolute value, marked
+                # without a baseline record for the task the difference is unknown: show the absolute value, marked
                 text = ("—" if math.isnan(ours) else f"{ours * 100:.1f}*" if math.isnan(base[task])
                         else f"{(ours - base[task]) * 100:+.1f}")
                 theirs = (deltas.get(row.id) or {}).get(task)
-            paper_text = None if theirs is None else f"{theirs:.1f}" if row.method == "mha" else f"{theirs:+.1f}"
+            paper_text = None if theirs is None else f"{theirs:.1f}" if row.baseline else f"{theirs:+.1f}"
             cells.append((text, paper_text))
         kv = found["kv_measured"].mean()
         share = kv / base_kv if base_kv and not math.isnan(base_kv) else math.nan
         cells.append(("—" if math.isnan(share) else f"{share * 100:.1f}%", None))
-        grid.append((row, cells))
+        shown = found.iloc[-1]  # its display: the row's label and place
+        label = row.label.format(label=shown["label"])
+        grid.append(((not row.baseline, shown["order"], place), (label, row.baseline, cells)))
     counts = frame.groupby("task")["n_examples"].max()
     n = [str(int(counts[t])) if t in counts and not math.isnan(counts[t]) else "—" for t in tasks]
-    return tasks, grid, missing, n
+    return tasks, [line for _, line in sorted(grid, key=lambda item: item[0])], missing, n
 
 
 def to_markdown(title: str, caption: str, tasks, grid, n) -> str:
     head = ["Method", *(task_label(t) for t in tasks), "K,V/token"]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row, cells in grid:
+    for label, _, cells in grid:
         shown = [f"{ours} ({theirs})" if theirs else ours for ours, theirs in cells]
-        lines.append("| " + " | ".join([row.label, *shown]) + " |")
+        lines.append("| " + " | ".join([label, *shown]) + " |")
     lines.append("| n | " + " | ".join(n) + " | |")
     return "\n".join(lines + ["", caption, ""])
 
@@ -137,9 +128,9 @@ def to_latex(title: str, caption: str, tasks, grid, n, label: str) -> str:
     lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{_tex(title)}. {_tex(caption)}}}", rf"\label{{{label}}}",
              r"\begin{tabular}{l" + "r" * (len(head) - 1) + "}", r"\toprule", " & ".join(map(_tex, head)) + r" \\",
              r"\midrule"]
-    for row, cells in grid:
+    for label, _, cells in grid:
         shown = [_tex(ours) + (rf"~{{\scriptsize({_tex(theirs)})}}" if theirs else "") for ours, theirs in cells]
-        lines.append(" & ".join([_tex(row.label), *shown]) + r" \\")
+        lines.append(" & ".join([_tex(label), *shown]) + r" \\")
     lines += [r"\midrule", " & ".join(["$n$", *n, ""]) + r" \\", r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
     return "\n".join(lines)
 
@@ -152,18 +143,25 @@ def paper_note(paper: dict, source_model: str, model: str) -> str:
     return f"In parentheses: {whose}. Source: {' '.join(str(paper.get('source', '')).split())}"
 
 
-def caption_for(metric: str, missing: list[str], paper: dict, source_model: str | None, model: str) -> str:
-    """`source_model`: the paper model whose numbers are in the table, None when there are none."""
+def caption_for(metric: str, missing: list[str], paper: dict, source_model: str | None, model: str,
+                base: str) -> str:
+    """`source_model`: the paper model whose numbers are in the table, None when there are none; `base`: the
+    baseline's label."""
     parts = [
-        f"Metric: lm-eval `{metric}`, zero-shot. MHA row: accuracy in percent ± standard error; other rows: "
-        "difference from MHA in points (* = absolute, no MHA record for that task). K,V/token: measured cache bytes "
-        "per token as a share of MHA's."
+        f"Metric: lm-eval `{metric}`, zero-shot. {base} row: accuracy in percent ± standard error; other rows: "
+        f"difference from {base} in points (* = absolute, no {base} record for that task). K,V/token: measured cache "
+        f"bytes per token as a share of {base}'s."
     ]
     if source_model:
         parts.append(paper_note(paper, source_model, model))
     if missing:
         parts.append(f"Not recorded yet: {', '.join(missing)}.")
     return " ".join(parts)
+
+
+def baseline_label(frame: pd.DataFrame) -> str:
+    found = matching(frame, baseline())
+    return found["label"].iloc[-1] if not found.empty else baseline()["name"]
 
 
 def write_tables(frame: pd.DataFrame, out: Path, metric: str = "acc", paper: dict | None = None) -> tuple[list, list]:
@@ -175,15 +173,15 @@ def write_tables(frame: pd.DataFrame, out: Path, metric: str = "acc", paper: dic
     out.mkdir(parents=True, exist_ok=True)
     frame = frame.assign(limit_key=frame["limit"].map(limit_name))
     for (model, limit), part in frame.groupby(["model", "limit_key"], sort=True):
-        source_model = paper_model(paper, model)
-        for name, (title, rows) in TABLES.items():
+        source_model, base = paper_model(paper, model), baseline_label(part)
+        for name, (title, experiment, rows) in tables().items():
             tasks, grid, missing, n = table_cells(part, rows, metric, paper, source_model)
-            if not any(row.method != "mha" for row, _ in grid):
-                skipped.append(f"{name} {model} ({limit}): no method besides MHA recorded "
-                               f"(run `python run.py experiment={SOURCES[name]}`)")
+            if not any(not is_base for _, is_base, _ in grid):
+                skipped.append(f"{name} {model} ({limit}): no method besides {base} recorded "
+                               f"(run `python run.py experiment={experiment}`)")
                 continue
-            has_paper = any(theirs for _, cells in grid for _, theirs in cells)
-            caption = caption_for(metric, missing, paper, source_model if has_paper else None, model)
+            has_paper = any(theirs for _, _, cells in grid for _, theirs in cells)
+            caption = caption_for(metric, missing, paper, source_model if has_paper else None, model, base)
             full_title = f"{title}: {model}, {limit}"
             stem = f"{name}_{model}" + ("" if limit == "full sets" else f"_limit{limit.split()[-1]}")
             (out / f"{stem}.md").write_text(to_markdown(full_title, caption, tasks, grid, n))
@@ -198,7 +196,7 @@ def write_long_form(frame: pd.DataFrame, out: Path) -> list[Path]:
         return []
     out.mkdir(parents=True, exist_ok=True)
     path = out / "accuracy_cells.csv"
-    columns = ["model", "method", "settings_key", "task", "limit", "acc", "acc_stderr", "acc_norm",
+    columns = ["model", "method", "label", "settings_key", "task", "limit", "acc", "acc_stderr", "acc_norm",
                "acc_norm_stderr", "n_examples", "kv_measured", "kv_analytic", "compute", "time", "run_id"]
     frame[[c for c in columns if c in frame]].to_csv(path, index=False)
     return [path]
