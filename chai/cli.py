@@ -143,9 +143,14 @@ def columns(rows: list[tuple]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- a multirun
+def baseline_name(record: dict) -> str:
+    """The baseline method of the record's run (`bench.baseline_method`, one home for the bench and this table)."""
+    return record["config"]["bench"]["baseline_method"]
+
+
 def reference_key(record: dict) -> str:
-    """The run key of the MHA run with this record's settings (the row its delta is taken against)."""
-    return run_key({**record["config"], "method": {"name": "mha"}})
+    """The run key of the baseline (MHA) run with this record's settings (the row its delta is taken against)."""
+    return run_key({**record["config"], "method": {"name": baseline_name(record)}})
 
 
 def minutes(seconds: float) -> str:
@@ -163,7 +168,7 @@ def own_settings(records: list[dict]) -> list[str]:
 def sweep_table(records: list[dict], metric: str = "acc") -> list[str]:
     """One row per eval job: accuracy ± standard error (%), the difference from the MHA job with otherwise equal
     settings (points), K,V bytes per token (measured; % of MHA) and the scoring wall time."""
-    mha = {record_key(r): r for r in records if r["method"] == "mha" and not r.get("error")}
+    mha = {record_key(r): r for r in records if r["method"] == baseline_name(r) and not r.get("error")}
     varying = [k for k in ("model", "task") if len({r[k] for r in records}) > 1]
     settings = own_settings(records)
     rows = [("method", *varying, *(("settings",) if any(settings) else ()), f"{metric} (%)", "vs MHA (points)",

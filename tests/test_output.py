@@ -22,7 +22,8 @@ PIQA_ROWS = 1838
 
 def eval_record(method: str, acc: float, stderr: float, kv: float, task: str = "piqa", **extra) -> dict:
     config = {"method": {"name": method}, "model": {"name": "smollm2"}, "task": {"name": task, "limit": 200},
-              "mode": "eval", "results_dir": "results", "experiment_name": "quickstart"}
+              "mode": "eval", "results_dir": "results", "experiment_name": "quickstart",
+              "bench": {"baseline_method": "mha"}}
     return {"run_key": run_key(config), "config": config, "mode": "eval", "method": method, "model": "smollm2",
             "task": task, "time": "2020-01-01T00:00:00+0000", "results_path": "results/quickstart/runs.jsonl",
             "metrics": {"acc": acc, "acc_stderr": stderr}, "kv_bytes_per_token": {"measured": {"total": kv}},
