@@ -13,7 +13,7 @@ Recorded per t (means over documents and over the layers that are really cluster
 - `changed_fraction`: heads whose cluster differs from the t = T one after the best one-to-one matching of cluster
   labels (Hungarian on the contingency table), i.e. the fewest heads that must move.
 - `pair_disagreement`: head pairs that are together at t and apart at T or vice versa (1 - Rand index).
-Per-layer curves are kept too. Cluster counts are the calibrated per-layer ones unless `membership.num_clusters`.
+Per-layer curves are kept too. Cluster counts are the calibrated per-layer ones unless `method.num_clusters`.
 """
 
 import contextlib
@@ -94,17 +94,19 @@ def layer_changes(probs: torch.Tensor, k: int, tokens: list[int], algo: str, clu
     return moved, pairs
 
 
-def cluster_counts(cfg, settings, shape: AttnShape) -> list[int]:
-    """Clusters per layer: one int for all layers, else the counts calibration chose for this model."""
-    if settings.num_clusters is not None:
-        k = int(settings.num_clusters)
-        require(1 <= k <= shape.heads, f"membership.num_clusters={k}: use 1..{shape.heads} ({cfg.model.name}).")
+def cluster_counts(cfg, shape: AttnShape) -> list[int]:
+    """Clusters per layer: the method's uniform `num_clusters` when set (its one home: `method=chai
+    method.num_clusters=K`), else the counts calibration chose for this model."""
+    count = cfg.method.get("num_clusters") if "method" in cfg else None
+    if count is not None:
+        k = int(count)
+        require(1 <= k <= shape.heads, f"method.num_clusters={k}: use 1..{shape.heads} ({cfg.model.name}).")
         return [k] * shape.layers
     path = artifact_path(cfg.results_dir, cfg.model.name)
     require(
         path.exists(),
         f"no calibration at {path}: run `python run.py mode=calibrate model={cfg.model.name}` first, "
-        "or set membership.num_clusters=K.",
+        "or set method=chai method.num_clusters=K.",
     )
     chosen = json.loads(path.read_text())["elbow"]["chosen"]
     require(len(chosen) == shape.layers, f"{path} has {len(chosen)} layers, the model {shape.layers}.")

@@ -141,18 +141,19 @@ def test_membership_curve_on_tiny_llama(tiny_llama):
 def test_membership_needs_calibration_or_a_count(tmp_path):
     from chai.attention import AttnShape
 
-    cfg = OmegaConf.create({"results_dir": str(tmp_path), "model": {"name": "tiny_llama"}})
-    settings = OmegaConf.create({"num_clusters": None})
+    cfg = OmegaConf.create({"results_dir": str(tmp_path), "model": {"name": "tiny_llama"},
+                            "method": {"name": "chai", "num_clusters": None}})
     with pytest.raises(ChaiError, match="mode=calibrate"):
-        cluster_counts(cfg, settings, AttnShape(3, 8, 8, 8))
+        cluster_counts(cfg, AttnShape(3, 8, 8, 8))
+    cfg.method.num_clusters = 9
     with pytest.raises(ChaiError, match="1..8"):
-        cluster_counts(cfg, OmegaConf.create({"num_clusters": 9}), AttnShape(3, 8, 8, 8))
+        cluster_counts(cfg, AttnShape(3, 8, 8, 8))
 
 
 def test_membership_runner_end_to_end(tmp_path):
     from chai.runners.membership import run
 
-    settings = ["membership.num_clusters=3", "membership.n_docs=3", "membership.max_tokens=5"]
+    settings = ["method=chai", "method.num_clusters=3", "membership.n_docs=3", "membership.max_tokens=5"]
     cfg = compose_full(["model=tiny_llama", f"results_dir={tmp_path}", "device=cpu", *settings])
     found = run(cfg, {})
     assert found["n_examples"] == 3 and found["membership"]["num_clusters"] == [3, 3, 3]

@@ -15,7 +15,7 @@ def run(cfg, record: dict) -> dict:
     settings = cfg.membership
     require(settings.max_tokens >= 2, "membership.max_tokens must be at least 2.")
     ready = setup(cfg, with_method=False)
-    counts = cluster_counts(cfg, settings, AttnShape.of(ready.model.config))
+    counts = cluster_counts(cfg, AttnShape.of(ready.model.config))
     started = time.perf_counter()
     ids = corpus_ids(ready.tokenizer, settings, cfg)
     found = measure(ready.model, ids, counts, settings, cluster_heads)
