@@ -43,10 +43,24 @@ def method_key(method: dict) -> dict:
     return {k: v for k, v in method.items() if k == "name" or k not in defaults or v != defaults[k]}
 
 
+# Settings since removed, with the value that means what today's config does without them: an old record holding
+# exactly that value keys as if it never had the setting (so it keeps resuming); any other value keeps its own key.
+RETIRED_SETTINGS = {("membership", "num_clusters"): None}  # one home now: method.num_clusters
+
+
+def without_retired(config: dict) -> dict:
+    config = dict(config)
+    for (group, key), neutral in RETIRED_SETTINGS.items():
+        node = config.get(group)
+        if isinstance(node, dict) and key in node and node[key] == neutral:
+            config[group] = {k: v for k, v in node.items() if k != key}
+    return config
+
+
 def key_settings(config: dict) -> dict:
     """The part of a run's config its key hashes (see the module docstring)."""
     left_out = {*VOLATILE_KEYS, *OTHER_MODES.get(config.get("mode"), ())}
-    stable = {k: v for k, v in config.items() if k not in left_out}
+    stable = {k: v for k, v in without_retired(config).items() if k not in left_out}
     if isinstance(stable.get("method"), dict):
         stable["method"] = method_key(stable["method"])
     return stable

@@ -136,3 +136,14 @@ def test_every_committed_record_keeps_resuming():
             today["method"] = {**current, **rec["config"]["method"]}  # every setting today's config lists
             today.update(resume=False, bench={"new_tokens": 99}, membership={"n_docs": 1})
             assert run_key(today) in done, (path, rec["run_id"])
+
+
+def test_a_record_of_a_retired_setting_at_its_neutral_value_keeps_resuming():
+    """membership.num_clusters moved to method.num_clusters: the committed analysis record (null there) still counts
+    as the cell today's config describes, while a record that set a count is another cell."""
+    old = json.loads((ROOT / "results" / "analysis" / "runs.jsonl").read_text().splitlines()[0])
+    today = OmegaConf.to_container(compose_cfg(list(old["overrides"])), resolve=True)
+    assert "num_clusters" not in today["membership"] and old["config"]["membership"]["num_clusters"] is None
+    assert record_key(old) == run_key(today)
+    counted = {**old, "config": {**old["config"], "membership": {**old["config"]["membership"], "num_clusters": 3}}}
+    assert record_key(counted) != run_key(today)
