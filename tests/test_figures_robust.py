@@ -177,7 +177,7 @@ def memory_and_latency_cells():
     return cells
 
 
-LABELS = {"mha": "MHA", "chai": "CHAI", "sparq": "SparQ 8x"}  # as the methods' display names them
+LABELS = [display(settings(m))["label"] for m in ("mha", "chai", "sparq")]  # as the methods' display names them
 
 
 def bench(cells):
@@ -193,7 +193,7 @@ def test_latency_has_a_log_time_axis_and_one_legend_for_the_figure(tmp_path, dra
     assert len(axes) == 4 and all(ax.get_yscale() == "log" for ax in axes)
     assert all(ax.get_legend() is None for ax in axes) and len(fig.legends) == 1
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert [label for label in labels if label in LABELS.values()] == ["MHA", "CHAI", "SparQ 8x"]  # display order
+    assert [label for label in labels if label in LABELS] == LABELS  # display order
     assert any("static cache" in label for label in labels)  # the path is the line style, named once
 
 
@@ -201,7 +201,7 @@ def test_memory_has_one_entry_per_method_and_coinciding_lines_stay_visible(tmp_p
     figures_bench.memory_figures(bench(memory_and_latency_cells()), tmp_path)
     (fig,) = drawn
     labels = [t.get_text() for t in fig.legends[0].get_texts() if t.get_text()]  # blanks only end a column
-    assert labels[:3] == ["MHA", "CHAI", "SparQ 8x"] and len(labels) == 5  # + what a line and a hollow marker mean
+    assert labels[:3] == LABELS and len(labels) == 5  # + what a line and a hollow marker mean
     assert not any(ax.get_legend() for ax in fig.axes)
     cache_ax = fig.axes[0]
     mha, sparq = (display(settings(m))["color"] for m in ("mha", "sparq"))  # equal K,V bytes: they coincide

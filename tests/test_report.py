@@ -38,6 +38,11 @@ def display(method_cfg: dict) -> dict:
     return METHODS[method_cfg["name"]].display({k: v for k, v in method_cfg.items() if k != "name"})
 
 
+def label(method: str, **changes) -> str:
+    """The row name a method's records give it (their display label: settings may be part of it)."""
+    return display(settings(method, **changes))["label"]
+
+
 def clusters(rec: dict, count: int, first: int = 0) -> dict:
     """`rec` with the per-layer cluster counts a CHAI-family method reports (`first` layers left dense)."""
     rec["method_info"] = {"clusters_per_layer": ["dense"] * first + [count] * (LAYERS - first)}
@@ -79,7 +84,7 @@ def eval_records() -> list[dict]:
         recs.append(record("chai", task, 0.0, error="OutOfMemoryError: CUDA out of memory"))  # never shown
         recs.append(record("chai_static", task, base - 0.04, kv=0.8))
         recs.append(record("chai_qkv", task, base - 0.03, kv=0.8))
-        recs.append(record("sparq", task, base - 0.01))
+        recs.append(record("sparq", task, base - 0.01) | {"run_stats": {"kv_read_fraction": 0.125}})
         for sparsity in (0.1, 0.3, 0.5):
             recs.append(record("dejavu_static", task, base - sparsity / 5, kv=1 - sparsity, sparsity=sparsity))
         # sweep points; a value equal to CHAI's default would be the default cell itself, so it is left out
@@ -194,24 +199,27 @@ def table_rows(path) -> dict[str, list[str]]:
 
 def test_table1_mha_absolute_others_as_deltas_with_the_paper_beside(report, results):
     rows = table_rows(results / "tables" / "table1_llama7b.md")
-    assert rows["Method"] == ["PIQA", "ARC-E", "K,V/token"]
+    assert rows["Method"] == ["PIQA", "ARC-E", "K,V stored", "K,V read"]
     assert rows["MHA"][:2] == ["78.0 ± 1.0", "75.0 ± 1.0"]  # the newest MHA record, not the older 73.0
-    assert rows["CHAI"] == ["-2.0 (-2.0)", "-2.0 (+0.3)", "80.0%"]  # the failed CHAI record is ignored
-    assert rows["DejaVu-static 30%"][:2] == ["-6.0", "-6.0"]
-    assert rows["SparQ 8x"][0] == "-1.0" and "SparQ 2x" not in rows  # only 8x recorded
+    assert rows[label("chai")] == ["-2.0 (-2.0)", "-2.0 (+0.3)", "80.0%", "80.0%"]  # the failed record is ignored
+    assert rows[label("dejavu_static", sparsity=0.3)][:2] == ["-6.0", "-6.0"]
+    sparq = display(settings("sparq"))["label"]
+    assert rows[sparq] == ["-1.0", "-1.0", "100.0%", "12.5%"]  # stores all, reads an eighth
+    assert label("sparq", compression=2) not in rows  # only 8x recorded
+    assert "paired 95% intervals n/a" in (results / "tables" / "table1_llama7b.md").read_text()  # no items
     assert rows["n"][:2] == ["1000", "1000"]
 
 
 def test_smoke_runs_get_their_own_table(report, results):
     rows = table_rows(results / "tables" / "table1_llama7b_limit5.md")
-    assert rows["MHA"][0] == "50.0 ± 1.0" and rows["CHAI"][0] == "-10.0 (-2.0)" and rows["n"][0] == "5"
+    assert rows["MHA"][0] == "50.0 ± 1.0" and rows[label("chai")][0] == "-10.0 (-2.0)" and rows["n"][0] == "5"
 
 
 def test_table3_rows_are_the_membership_sweep(report, results):
     rows = table_rows(results / "tables" / "table3_llama7b.md")
     for n in swept("membership_tokens", (1, 3, 5, 10)):
-        assert rows[f"CHAI, {n} token{'s' if n > 1 else ''}"][0] == f"{-5 / n:+.1f}"
-    assert rows["CHAI, 5 tokens"][0] == "-2.0"  # CHAI's default: the default CHAI cell fills its own row
+        assert rows[f"{label('chai', membership_tokens=n)}, {n} token{'s' if n > 1 else ''}"][0] == f"{-5 / n:+.1f}"
+    assert rows[f"{label('chai')}, 5 tokens"][0] == "-2.0"  # CHAI's default: the default CHAI cell fills its own row
 
 
 def test_latest_record_per_cell_and_compute_share(results):
@@ -245,7 +253,7 @@ def test_rows_are_named_and_ordered_by_the_records_display(tmp_path):
             rec["display"] = {**rec["display"], "label": "Fixed groups", "order": 5}
     write_tables(latest(eval_frame(recs)), tmp_path, paper={})
     names = list(table_rows(tmp_path / "table1_llama7b.md"))
-    assert names == ["Method", "MHA", "Fixed groups", "CHAI", "n"]
+    assert names == ["Method", "MHA", "Fixed groups", label("chai"), "n"]
 
 
 def test_an_older_record_without_a_newer_setting_still_fills_its_row(tmp_path):
@@ -255,7 +263,7 @@ def test_an_older_record_without_a_newer_setting_still_fills_its_row(tmp_path):
     for key in ("membership_tokens", "cluster_algo", "representative", "first_tokens", "causal_features"):
         del old["config"]["method"][key]
     write_tables(latest(eval_frame([record("mha", "piqa", 0.7), old])), tmp_path, paper={})
-    assert table_rows(tmp_path / "table1_llama7b.md")["CHAI-static"][0] == "-5.0"
+    assert table_rows(tmp_path / "table1_llama7b.md")[label("chai_static")][0] == "-5.0"
 
 
 def test_empty_results_skip_everything_with_a_reason(tmp_path):
@@ -270,10 +278,10 @@ def test_a_model_the_paper_did_not_evaluate_gets_the_reference_models_numbers_na
     frame = latest(eval_frame([record("mha", "piqa", 0.7, model="tiny"), record("chai", "piqa", 0.6, model="tiny")]))
     write_tables(frame, tmp_path, paper=paper)
     text = (tmp_path / "table1_tiny.md").read_text()
-    assert table_rows(tmp_path / "table1_tiny.md")["CHAI"][0] == "-10.0 (-2.0)"
+    assert table_rows(tmp_path / "table1_tiny.md")[label("chai")][0] == "-10.0 (-2.0)"
     assert "the paper's number for llama7b (the paper did not evaluate tiny" in text
     write_tables(frame, tmp_path, paper={k: v for k, v in paper.items() if k != "reference_model"})
-    assert table_rows(tmp_path / "table1_tiny.md")["CHAI"][0] == "-10.0"  # no reference model: no parentheses
+    assert table_rows(tmp_path / "table1_tiny.md")[label("chai")][0] == "-10.0"  # no reference model: no parentheses
 
 
 def test_tables_skip_when_only_mha_is_recorded(tmp_path):
@@ -322,3 +330,176 @@ def test_bench_table_has_one_block_per_model_and_gpu(report, results):
     text = (results / "bench" / "bench_table.md").read_text()
     assert text.count("### llama7b on H100") == 1
     assert "| 4 | 1024 |" in text and "| OOM |" in text  # the out-of-memory cell is shown as such
+
+
+# --- per-item outcomes: paired intervals in the tables; the accuracy-against-memory figure and savings table ---
+
+def with_items(rec: dict, values) -> dict:
+    """`rec` with per-item outcomes as chai/runners/eval.py writes them, its acc their mean."""
+    rec["items"] = {"doc_ids": "range", "acc": "".join(str(int(v)) for v in values)}
+    rec["metrics"]["acc"], rec["n_examples"] = float(np.mean(values)), len(values)
+    return rec
+
+
+def test_differences_carry_their_paired_interval_and_old_records_say_n_a(tmp_path):
+    from chai.report import stats
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 2, 400)
+    better = np.where(rng.random(400) < 0.3, 1, base)
+    recs = [with_items(record("mha", "piqa", 0), base), with_items(record("chai", "piqa", 0), better),
+            record("chai_static", "piqa", 0.4)]  # written before records had items
+    write_tables(latest(eval_frame(recs)), tmp_path, paper={})
+    rows = table_rows(tmp_path / "table1_llama7b.md")
+    found = stats.difference({"doc_ids": "range", "acc": "".join(map(str, base))},
+                             {"doc_ids": "range", "acc": "".join(map(str, better))})
+    assert 0 < found.low < found.value < found.high
+    chai, static = label("chai"), label("chai_static")
+    assert rows[chai][0] == f"{found.value * 100:+.1f} [{found.low * 100:+.1f}, {found.high * 100:+.1f}]"
+    assert rows[static][0] == f"{(0.4 - base.mean()) * 100:+.1f} [n/a]"
+    assert "paired bootstrap 95% interval" in (tmp_path / "table1_llama7b.md").read_text()
+
+
+def test_the_share_a_decode_step_reads():
+    from chai.report.loading import read_fraction
+
+    rec = record("sparq", "piqa", 0.7)
+    assert read_fraction(rec) == 1.0  # nothing said: it reads all it stores
+    rec["method_info"] = {"measured": {"compression": 4.0}}  # records before run_stats had the share
+    assert read_fraction(rec) == 0.25
+    rec["run_stats"] = {"kv_read_fraction": 0.3}
+    assert read_fraction(rec) == 0.3
+    rec["run_stats"] = {"kv_read_fraction": None}  # null: the method does not say; the measured compression does
+    assert read_fraction(rec) == 0.25
+
+
+SMOLLM2 = {"name": "smollm2", "hf_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+           "arch": {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3}}
+FRONTIER_TASKS = ("piqa", "arc_easy")
+# (method, its settings, K,V stored and read as shares of MHA's, mean accuracy): three families and the baseline
+FRONTIER = [("mha", {}, 1.0, None, 0.70),
+            ("chai", {"num_clusters": 6}, 0.8, None, 0.68), ("chai", {"num_clusters": 4}, 0.6, None, 0.66),
+            ("chai", {"num_clusters": 2}, 0.4, None, 0.60),
+            ("dejavu_static", {"sparsity": 0.1}, 0.9, None, 0.69),
+            ("dejavu_static", {"sparsity": 0.3}, 0.7, None, 0.62),
+            ("dejavu_static", {"sparsity": 0.5}, 0.5, None, 0.65),  # saves more and scores higher than 30%
+            ("sparq", {"compression": 2}, 1.0, 0.5, 0.67), ("sparq", {"compression": 4}, 1.0, 0.25, 0.64),
+            ("sparq", {"compression": 8}, 1.0, 0.125, 0.50)]
+SAVINGS = {"experiment": "frontier", "stem": "frontier", "tasks": ["piqa", "hellaswag", "arc_easy"],
+           "savings": {"stored": [0.25, 0.5], "read": [0.5, 0.75]}, "resamples": 2000}
+
+
+def frontier_records(expanded: bool = False, items: bool = True, n: int = 200) -> list[dict]:
+    """A frontier experiment on one layout: each config on each task, `acc` +- 0.02 between the tasks."""
+    recs = []
+    for method, changes, stored, read, acc in FRONTIER:
+        for task, shift in zip(FRONTIER_TASKS, (0.02, -0.02)):
+            rec = record(method, task, acc + shift, model="smollm2", kv=stored * (3 if expanded else 1), **changes)
+            rec["experiment"], rec["run_stats"] = "frontier", {"kv_read_fraction": read}
+            rec["config"]["model"] = {**SMOLLM2, "expand_kv_heads": expanded}
+            hits = round((acc + shift) * n)  # the first `hits` items solved: nested, so pairs are realistic
+            recs.append(with_items(rec, [1] * hits + [0] * (n - hits)) if items else rec)
+    return recs
+
+
+@pytest.fixture
+def frontier_spec(monkeypatch):
+    from chai.report import figures_frontier
+
+    monkeypatch.setattr(figures_frontier, "spec", lambda: SAVINGS)
+
+
+def frontier_frame(recs):
+    return latest(eval_frame(recs))
+
+
+def test_the_frontier_has_a_figure_per_layout_and_a_line_per_family(tmp_path, monkeypatch, frontier_spec):
+    from chai.report import figures_frontier
+
+    drawn = []
+    monkeypatch.setattr(figures_frontier, "save", lambda fig, folder, stem: drawn.append((stem, fig)) or [stem])
+    frame = frontier_frame(frontier_records() + frontier_records(expanded=True))
+    written, skipped = figures_frontier.frontier_figures(frame, tmp_path)
+    assert written == ["frontier_smollm2", "frontier_smollm2_expanded"] and skipped == []
+    titles = [fig._suptitle.get_text().replace("\n", " ") for _, fig in drawn]
+    assert "SmolLM2-135M-Instruct, 3 KV heads (as shipped)" in titles[0]
+    assert "SmolLM2-135M-Instruct, 9 KV heads (expanded, exact MHA layout)" in titles[1]
+    fig = drawn[0][1]
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(axes) == 2 * (len(FRONTIER_TASKS) + 1)  # stored and read rows: each task, then the mean
+    families = {display(settings(m, **c))["color"] for m, c, *_ in FRONTIER if m != "mha"}
+    piqa_read = axes[len(FRONTIER_TASKS) + 1]
+    lines = [line for line in piqa_read.get_lines() if line.get_linestyle() == "-"]
+    assert {line.get_color() for line in lines} == families  # one line per family, in its display colour
+    chai = next(line for line in lines if line.get_color() == display(settings("chai"))["color"])
+    sparq_stored = [line for line in axes[0].get_lines() if line.get_color() == display(settings("sparq"))["color"]]
+    assert [line.get_linestyle() for line in sparq_stored] == ["None"]  # all store the same: markers, no line
+    assert list(chai.get_xdata()) == sorted(chai.get_xdata())  # points sorted by x
+    assert list(chai.get_xdata()) == pytest.approx([0.4 * 1000 / 1024, 0.6 * 1000 / 1024, 0.8 * 1000 / 1024])
+    sparq_read = next(line for line in axes[len(FRONTIER_TASKS) + 1].get_lines()
+                      if line.get_color() == display(settings("sparq"))["color"] and line.get_linestyle() == "-")
+    assert list(sparq_read.get_xdata()) == pytest.approx([r * 1000 / 1024 for r in (0.125, 0.25, 0.5)])
+    mean_panel = axes[len(FRONTIER_TASKS)]
+    assert "95% interval" in mean_panel.get_title() and mean_panel.containers  # error bars on the mean
+
+
+def savings_rows(path) -> list[list[str]]:
+    lines = [line for line in path.read_text().splitlines() if line.startswith("| ") and "---" not in line]
+    return [line.strip("| ").split(" | ") for line in lines[1:]]
+
+
+def test_the_matched_savings_table_picks_the_most_accurate_config_that_saves_enough(tmp_path, frontier_spec):
+    from chai.report import stats
+    from chai.report.savings_table import write_savings
+
+    written, _ = write_savings(frontier_frame(frontier_records()), tmp_path)
+    assert [p.name for p in written] == ["frontier_savings_smollm2.md"]
+    picked = {(row[0], row[1]): row for row in savings_rows(written[0])}
+    chai, dejavu, sparq = (display(settings(m))["family"] for m in ("chai", "dejavu_static", "sparq"))
+    assert picked[("25% stored", chai)][2] == label("chai", num_clusters=4)  # 0.8 saves too little
+    assert picked[("25% stored", dejavu)][2] == label("dejavu_static", sparsity=0.5)  # beats 30%, saves more
+    assert picked[("50% stored", dejavu)][2] == label("dejavu_static", sparsity=0.5)  # exactly at the level
+    assert picked[("50% stored", chai)][2] == label("chai", num_clusters=2)
+    assert "none recorded" in picked[("25% stored", sparq)][2]  # SparQ stores everything
+    assert picked[("50% read", sparq)][2] == label("sparq", compression=2)
+    assert picked[("75% read", sparq)][2] == label("sparq", compression=4)
+    assert "none recorded" in picked[("75% read", chai)][2]
+    row = picked[("25% stored", chai)]
+    assert row[3].startswith("66.0 [") and row[5:] == ["60.0%", "60.0%"]
+    n = 200  # the paired difference over both tasks: nested items, so exactly -4 points, its interval around it
+    expected = stats.mean_difference(
+        [({"doc_ids": "range", "acc": "1" * round(b * n) + "0" * (n - round(b * n))},
+          {"doc_ids": "range", "acc": "1" * round(a * n) + "0" * (n - round(a * n))})
+         for a, b in ((0.68, 0.72), (0.64, 0.68))], resamples=2000)
+    assert row[4] == f"{expected.value * 100:+.1f} [{expected.low * 100:+.1f}, {expected.high * 100:+.1f}]"
+    assert expected.value == pytest.approx(-0.04) and expected.high < 0
+    assert picked[("—", display(settings("mha"))["family"])][5:] == ["100.0%", "100.0%"]
+
+
+def test_the_frontier_renders_from_old_records_without_items(tmp_path, frontier_spec):
+    from chai.report.savings_table import write_savings
+
+    recs = frontier_records(items=False)
+    lone = record("chai", "piqa", 0.5, model="smollm2", kv=0.3, num_clusters=1)
+    recs.append(lone | {"experiment": "frontier", "config": {**recs[0]["config"], "method": lone["config"]["method"]}})
+    written, _ = write_savings(frontier_frame(recs), tmp_path)
+    text = written[0].read_text()
+    row = {(r[0], r[1]): r for r in savings_rows(written[0])}[("25% stored", display(settings("chai"))["family"])]
+    assert row[3] == "66.0 [64.6, 67.4]"  # the recorded standard errors (0.01 per task), normal approximation
+    assert row[4] == "-4.0 [n/a]"
+    assert f"left out: {display(settings('chai', num_clusters=1))['label']}" in text  # recorded on one task only
+
+
+def test_the_report_builds_the_frontier_from_its_experiment_only(tmp_path, frontier_spec):
+    root = tmp_path / "results"
+    for rec in frontier_records() + frontier_records(expanded=True):
+        append_jsonl(root / "frontier" / "runs.jsonl", rec)
+    for rec in eval_records()[:6]:  # another experiment's records: its own tables, never on the frontier
+        append_jsonl(root / "accuracy" / "runs.jsonl", rec)
+    report = build(root)
+    assert report["failed"] == []
+    for stem in ("frontier_smollm2", "frontier_smollm2_expanded"):
+        assert (root / "figures" / f"{stem}.png").stat().st_size > 1000
+    assert (root / "tables" / "frontier_savings_smollm2_expanded.md").exists()
+    assert (root / "tables" / "table1_smollm2_expanded.md").exists()  # the layouts never share a table either
+    assert not (root / "figures" / "frontier_llama7b.png").exists()

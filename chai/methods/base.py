@@ -13,7 +13,8 @@ fail before any model loads). Every hook has a default, so a method overrides on
 | `static_cache(model, batch, max_len)` | None (no static path) | bench `method_static`: preallocated, capturable decode step |
 | `kv_bytes(config, batch, tokens, dtype_bytes)` | every K and V head | K,V bytes held for `batch` requests of `tokens` tokens (analytic) |
 | `kv_bytes_read(config, batch, context, dtype_bytes)` | = `kv_bytes` | bytes one decode step reads (the roofline) |
-| `run_stats()` | `RunStats()` | counters for the record: clustering time, decode kernel settings |
+| `set_prompt_lengths(lengths)` | stored | lm-eval scoring: per row, how many leading tokens are prompt (None: unknown) |
+| `run_stats()` | `RunStats()` | counters for the record: clustering time, decode kernel settings, K,V read fraction |
 | `label`, `order`, `color`, `variant(settings)` | the name | how tables and figures show the method (stored in records) |
 | `describe()` | {} | free-form facts for the record (chosen clusters, ...) |
 
@@ -48,6 +49,8 @@ class RunStats:
     clustering_s: float = 0.0  # seconds spent deciding memberships (synchronised on the device)
     clustering_calls: int = 0
     decode_kernel: dict | None = None  # launch settings of a custom decode kernel: part of a bench cell's identity
+    # K,V bytes read per decode step as a fraction of dense, measured over the run; None: reads all it holds
+    kv_read_fraction: float | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -105,6 +108,14 @@ class Method:
         linearly; an average for one that evicts)."""
         held = self.kv_bytes(config, 1, tokens, dtype_bytes)
         return {name: value / tokens for name, value in held.items()}
+
+    def set_prompt_lengths(self, lengths) -> None:
+        """`lengths`: [batch] long tensor, per row the number of leading tokens of the next forward(s) that are prompt
+        (positions at or after it are generated / continuation tokens), or None once those forwards are done.
+        Without it a method treats a forward of more than one query row as the prompt (prefill) and a single-row
+        forward with a cache as a decode step. Default: stored as `_prompt_lengths`, nothing else; only a method
+        that treats prompt and generated tokens differently (SparQ sparsifies decode steps only) reads it."""
+        self._prompt_lengths = lengths
 
     def run_stats(self) -> RunStats:
         return RunStats()

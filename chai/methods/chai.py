@@ -12,7 +12,10 @@ without a cache such a forward is plain MHA. Variants: `chai_static` (grouping f
 also share V, Table 4), `random_groups` (Fig. 1). docs/chai.md lists every point where the released code differs.
 
 Cluster counts: `num_clusters` (uniform, wins when set), else `layer_clusters`: a per-layer list, a preset from
-conf/clusters/, or `auto` (the elbow from the calibration artifact). Layers before `first_clustered_layer` stay dense.
+conf/clusters/, or `auto`: read from the calibration artifact by `count_rule` (chai/cluster_counts.py): `threshold`
+(inertia <= `threshold` x one-cluster inertia), `budget` (the least measured loss that saves `budget` of the K,V bytes
+or of the score computations, `budget_of`), or `kneedle` (the paper's elbow). Layers before `first_clustered_layer`
+stay dense.
 
 The pieces: this file holds the settings and turns them into a `ChaiPlan` (`_chai_plan.py`: counts per layer, fixed
 memberships, the settings the math reads); the clustered math is `_chai_attention.py`; the cache layers are
@@ -26,6 +29,7 @@ from typing import ClassVar
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
+from chai import cluster_counts
 from chai.attention import AttnShape, dense, to_output
 from chai.clustering import ALGOS, REPRESENTATIVES, Membership, labels_from_groups, random_labels, representatives
 from chai.errors import ChaiError, did_you_mean, require
@@ -61,6 +65,7 @@ class Chai(Method):
     name = "chai"
     label, order, color = "CHAI", 10, "tab:blue"
     membership: ClassVar[str] = "online"  # online | static (chai_static) | random (random_groups)
+    missing_means: ClassVar[dict] = {"count_rule": "kneedle"}  # records made before the rules used the elbow
     # A layer with as many clusters as heads is MHA (every head its own representative), so it runs dense, as the
     # released lists mean it (the Dec 2024 list keeps 18 of LLaMA-7B's layers at 32). Tests switch it off to
     # check the clustered path itself at that no-op setting.
@@ -75,6 +80,10 @@ class Chai(Method):
     first_tokens: str = "dense"  # dense (paper: the first m rows run as MHA) | clustered (reference code)
     causal_features: bool = True  # False: features without the causal mask, as the reference code computes them
     share_values: bool = False  # True: CHAI-QKV, members also use the representative's V (Table 4)
+    count_rule: str = "budget"  # layer_clusters=auto: budget | threshold | kneedle (chai/cluster_counts.py)
+    threshold: float = 0.1  # threshold rule: inertia at most this share of the one-cluster inertia
+    budget: float = 0.1  # budget rule: share of budget_of saved (0.1: within 2 points of MHA on full PIQA)
+    budget_of: str = "kv_bytes"  # kv_bytes (K,V cache bytes) | qk_work (attention-score computations)
 
     def __post_init__(self):
         self._artifact: dict | None = None  # the calibration artifact, once `prepare` loaded it
@@ -95,7 +104,11 @@ class Chai(Method):
         require(int(self.first_clustered_layer) >= 0, "method.first_clustered_layer must be >= 0.")
         require(self.membership == "online" or self.representative == "first",
                 f"{self.name} has no per-request features to pick a medoid from: use method.representative=first.")
-        for key, value, valid in (("cluster_algo", self.cluster_algo, ALGOS),
+        require(0 < self.threshold < 1, f"method.threshold must be in (0, 1), got {self.threshold}.")
+        require(0 <= self.budget < 1, f"method.budget must be in [0, 1), got {self.budget}.")
+        for key, value, valid in (("count_rule", self.count_rule, cluster_counts.RULES),
+                                  ("budget_of", self.budget_of, cluster_counts.SAVINGS),
+                                  ("cluster_algo", self.cluster_algo, ALGOS),
                                   ("representative", self.representative, REPRESENTATIVES),
                                   ("first_tokens", self.first_tokens, FIRST_TOKENS)):
             if value not in valid:
@@ -158,9 +171,8 @@ class Chai(Method):
         if isinstance(self.layer_clusters, list):
             return self.layer_clusters, "method.layer_clusters"
         if self.layer_clusters == "auto":
-            if self.membership == "static":
-                return [len(g) for g in self._artifact["static_groups"]], "calibration static_groups"
-            return list(self._artifact["elbow"]["chosen"]), "calibration elbow"
+            return cluster_counts.choose(self._artifact, shape, self.count_rule, self.threshold, self.budget,
+                                         self.budget_of, self.first_clustered_layer)
         return load_preset(self.layer_clusters)["layers"], f"preset {self.layer_clusters}"
 
     def _fixed_memberships(self, shape: AttnShape, counts) -> dict[int, Membership]:
@@ -229,9 +241,21 @@ class Chai(Method):
 
     @classmethod
     def variant(cls, settings: dict) -> str:
+        """How the counts were set: uniform k, a released list by name, or the calibration rule with its knob.
+        Records older than the rules (no `count_rule`) used the kneedle elbow over 32-token features."""
         preset = settings.get("layer_clusters")
-        # The released per-layer lists (llama7b_jul2024, ...) are different methods: name them.
-        return preset if isinstance(preset, str) and preset != "auto" else ""
+        if settings.get("num_clusters") is not None:
+            return f"k={settings['num_clusters']}"
+        if isinstance(preset, str) and preset != "auto":
+            return preset  # the released per-layer lists (llama7b_jul2024, ...) are different methods: name them
+        if isinstance(preset, list):
+            return "own list"
+        rule = settings.get("count_rule")
+        if rule is None:
+            return "kneedle, 32-token features (old)"
+        if rule == "budget":
+            return f"budget {settings['budget']:.0%} {'K,V' if settings['budget_of'] == 'kv_bytes' else 'QK'}"
+        return f"\u03c4={settings['threshold']}" if rule == "threshold" else "kneedle"
 
     def describe(self) -> dict:
         plan = self._session.plan if self._session is not None else None

@@ -13,8 +13,11 @@ dropped by its score and a KV head only when none of its query heads is kept.
 
 Parameters
 - sparsity: fraction of heads dropped per layer, in [0, 1); round(sparsity * heads) heads (half rounds up), at
-  most heads - 1 so every layer keeps one.
-- dense_layers: the first N layers are left untouched.
+  most heads - 1 so every layer keeps one. Heads come whole, so the share really dropped differs (SmolLM2's 9 heads:
+  10/30/50% drop 1/3/5 heads, 11/33/56%); a run is labelled by the real share ("33% (3/9 heads)"), known once the
+  method is prepared on the model; from settings alone (records written before) by the requested one.
+- dense_layers: the first N layers are left untouched (CHAI keeps its first layers nearly dense: the
+  dejavu_static_dense preset does the same here).
 - head_scores: the [layers][heads] scores, or a path to a JSON file holding them under "head_importance" (e.g. the
   calibration artifact). Default None: `chai.calibration.load_or_calibrate` (computed on C4 when missing).
 """
@@ -46,9 +49,14 @@ class LayerPlan:
     kv_of_head: tuple[int, ...]
 
 
+def dropped_heads(sparsity: float, heads: int) -> int:
+    """Heads dropped in each pruned layer: round(sparsity * heads), half up, keeping at least one."""
+    return min(heads - 1, math.floor(sparsity * heads + 0.5))
+
+
 def plan_layers(scores: torch.Tensor, shape: AttnShape, sparsity: float, dense_layers: int) -> dict[int, LayerPlan]:
     """{layer: LayerPlan} for the layers that lose at least one head. scores: [L, H]."""
-    dropped = min(shape.heads - 1, math.floor(sparsity * shape.heads + 0.5))
+    dropped = dropped_heads(sparsity, shape.heads)
     kv_of_query = shape.kv_of_query().tolist()
     plans = {}
     for layer in range(dense_layers, shape.layers):
@@ -99,6 +107,12 @@ def score_tensor(rows, shape: AttnShape) -> torch.Tensor:
     return scores
 
 
+def _dense_suffix(dense_layers) -> str:
+    if not isinstance(dense_layers, int) or dense_layers <= 0:
+        return ""
+    return ", first layer dense" if dense_layers == 1 else f", first {dense_layers} layers dense"
+
+
 @register
 @dataclass
 class DejaVuStatic(Method):
@@ -128,6 +142,9 @@ class DejaVuStatic(Method):
             self.head_scores is None or isinstance(self.head_scores, (str, Path, list, tuple, ListConfig)),
             "dejavu_static: head_scores must be null, a [layers][heads] list or a path to a JSON file.",
         )
+        # The runners show a run by `method.display(settings)` on the instance: once prepared it can state the heads
+        # really dropped. The class-level `display` (old records: settings only) states the requested sparsity.
+        self.display = self._display_prepared
 
     def check_shape(self, config) -> None:
         """dense_layers against the layers; given head scores against [layers, heads] (calibrated ones: in prepare)."""
@@ -189,8 +206,20 @@ class DejaVuStatic(Method):
 
     @classmethod
     def variant(cls, settings: dict) -> str:
+        """From settings alone (no head count): the requested share, "30% (requested)"."""
         sparsity = settings.get("sparsity")
-        return f"{sparsity * 100:.0f}%" if isinstance(sparsity, (int, float)) else ""
+        if not isinstance(sparsity, (int, float)):
+            return ""
+        return f"{sparsity * 100:.0f}% (requested)" + _dense_suffix(settings.get("dense_layers"))
+
+    def _display_prepared(self, settings: dict) -> dict:
+        """`display` of a prepared instance: the share of heads really dropped, "33% (3/9 heads)"."""
+        shown = type(self).display(settings)
+        if self._heads is not None:
+            dropped, heads = dropped_heads(self.sparsity, self._heads[1]), self._heads[1]
+            real = f"{100 * dropped / heads:.0f}% ({dropped}/{heads} heads)" + _dense_suffix(self.dense_layers)
+            shown["label"] = f"{shown['family']} {real}"
+        return shown
 
     def describe(self) -> dict:
         plans = self._plans or {}
@@ -203,6 +232,8 @@ class DejaVuStatic(Method):
         }
         if self._heads is not None:
             layers, heads = self._heads
+            dropped = dropped_heads(self.sparsity, heads)
+            info.update(heads=heads, pruned_heads=dropped, pruned_fraction=dropped / heads)  # per pruned layer
             kept = sum(len(plans[i].heads) if i in plans else heads for i in range(layers))
             info["attention_compute_fraction"] = kept / (layers * heads)  # attention-score work relative to MHA
         return info

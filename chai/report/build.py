@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from chai.report import figures_accuracy, figures_analysis, figures_bench
+from chai.report import figures_accuracy, figures_analysis, figures_bench, figures_frontier
 from chai.report.bench_table import write_bench_table
 from chai.report.loading import (ADHOC, bench_frame, eval_frame, latest, load_calibrations, load_records,
                                  membership_frame, report_config)
+from chai.report.savings_table import write_savings
 from chai.report.style import plt
 from chai.report.tables import write_long_form, write_tables
 
@@ -54,12 +55,14 @@ def build(results: Path, figures_dir: Path | None = None, tables_dir: Path | Non
 
 def _steps(data: dict, results: Path, metric: str) -> list:
     """(name, target folder, draw(data, folder) -> (written, skipped), its data, drawn per model)."""
-    accuracy, bench = data["accuracy"], data["bench"]
+    accuracy, bench, frontier = data["accuracy"], data["bench"], data["frontier"]
     return [
         ("tables", "tables", lambda d, o: write_tables(d, o, metric), accuracy, True),
         ("accuracy_cells", "tables", lambda d, o: (write_long_form(d, o), []), accuracy, False),
         *((name, "figures", lambda d, o, name=name: figures_accuracy.sweep_figures(name, d, o, metric), accuracy,
            True) for name in report_config()["sweeps"]),
+        ("frontier", "figures", lambda d, o: figures_frontier.frontier_figures(d, o, metric), frontier, True),
+        ("frontier_savings", "tables", lambda d, o: write_savings(d, o, metric), frontier, True),
         ("fig06/07/08/13", "figures", figures_analysis.calibration_figures, data["calibrations"], True),
         ("fig09", "figures", figures_analysis.membership_figure, data["membership"], True),
         ("fig11", "figures", figures_bench.latency_figures, bench, True),
@@ -71,7 +74,10 @@ def _steps(data: dict, results: Path, metric: str) -> list:
 def _frames(records: list[dict], results: Path, failed: list) -> dict:
     """The tidy frames the steps read; one that cannot be built is reported and left empty (its steps skip)."""
     calibrations = load_calibrations(results)
+    # the frontier's records: its experiment's own, before `latest` (a cell also recorded elsewhere must not hide it)
+    ours = [r for r in records if r.get("experiment") == report_config()["frontier"]["experiment"]]
     makers = {"accuracy": lambda: latest(eval_frame(records, calibrations)),
+              "frontier": lambda: latest(eval_frame(ours, calibrations)),
               "bench": lambda: latest(bench_frame(records)),
               "membership": lambda: latest(membership_frame(records))}
     data = {"calibrations": calibrations}

@@ -1,7 +1,7 @@
 """Accuracy figures from eval records: paper Fig. 1 (accuracy against the attention compute kept) and the sweeps
 behind it (clusters per layer, first clustered layer), as chai/report/report.yaml `sweeps` defines them: one line per
 method swept over the setting (its other settings at their defaults), in the method's display colour and order. One
-figure per (model, task.limit), one panel per task, the baseline as a dashed line.
+figure per (model, K,V layout, task.limit), one panel per task, the baseline as a dashed line.
 """
 
 from pathlib import Path
@@ -10,11 +10,7 @@ import pandas as pd
 
 from chai.report.loading import baseline, matching, method_cell, report_config
 from chai.report.style import figure_title, integer_axis, legend, method_styles, ordered_tasks, panels, save, task_label
-from chai.report.tables import limit_name
-
-
-def _stem(name: str, model: str, limit: str) -> str:
-    return f"{name}_{model}" + ("" if limit == "full sets" else f"_limit{limit.split()[-1]}")
+from chai.report.tables import parts, stem_for
 
 
 def _baseline_line(ax, part: pd.DataFrame, task: str, metric: str) -> None:
@@ -24,10 +20,6 @@ def _baseline_line(ax, part: pd.DataFrame, task: str, metric: str) -> None:
         shown = rows.iloc[-1]
         ax.axhline(shown[metric] * 100, color=shown["color"] or "gray", linestyle="--", linewidth=1,
                    label=shown["label"])
-
-
-def _by_limit(frame: pd.DataFrame):
-    return frame.assign(limit_key=frame["limit"].map(limit_name)).groupby(["model", "limit_key"], sort=True)
 
 
 def _swept_tasks(series) -> list[str]:
@@ -84,19 +76,21 @@ def sweep_figures(name: str, frame: pd.DataFrame, out: Path, metric: str = "acc"
         return [], [f"{name}: no eval records {run}"]
     x, what = spec.get("x"), "compute shares" if spec.get("x") == "compute" else f"values of method.{spec['setting']}"
     written, skipped = [], []
-    for (model, limit), part in _by_limit(frame):
-        found = _swept(part, spec["setting"], x)
+    for model, expanded, limit, part in parts(frame):
+        where = f"K,V heads expanded, {limit}" if expanded else limit
+        # one line per method: its points' labels name the swept value (CHAI k=3, k=4, ...), the family does not
+        found = [rows.assign(label=rows["family"]) for rows in _swept(part, spec["setting"], x)]
         if not found:
-            skipped.append(f"{name} {model} ({limit}): fewer than two {what} recorded for any method {run}")
+            skipped.append(f"{name} {model} ({where}): fewer than two {what} recorded for any method {run}")
             continue
         styles = method_styles(pd.concat(found))
         series = [(rows["label"].iloc[-1], *styles[rows["label"].iloc[-1]], rows) for rows in found]
         series.sort(key=lambda item: list(styles).index(item[0]))
         tasks = _swept_tasks(series)
         if not tasks:
-            skipped.append(f"{name} {model} ({limit}): no task has two or more {what} recorded {run}")
+            skipped.append(f"{name} {model} ({where}): no task has two or more {what} recorded {run}")
             continue
-        fig = _sweep_figure(part, tasks, series, spec["x_label"], f"{spec['title']}: {model}, {limit}", metric,
+        fig = _sweep_figure(part, tasks, series, spec["x_label"], f"{spec['title']}: {model}, {where}", metric,
                             counts=x != "compute")
-        written += save(fig, out, _stem(spec.get("stem", name), model, limit))
+        written += save(fig, out, stem_for(spec.get("stem", name), model, limit, expanded))
     return written, skipped

@@ -13,6 +13,7 @@ import pandas as pd
 from chai.report.style import figure_title, integer_axis, panels, save
 
 MAX_LAYERS = 8  # panels per figure: evenly spaced layers, first and last included
+BUDGET_SHOWN = 0.2  # Fig. 8 shows the budget rule's counts at this K,V saving
 
 
 def shown_layers(n: int, most: int = MAX_LAYERS) -> list[int]:
@@ -35,32 +36,62 @@ def correlation_figure(artifact: dict, key: str, title: str):
     return fig
 
 
+def rule_counts(artifact: dict) -> dict[str, list[int]]:
+    """{rule label: counts per layer}: the artifact's own choice, each stored rule's, and the budget rule's at
+    BUDGET_SHOWN of the K,V bytes on the calibrated layout (when the artifact has the sensitivity table)."""
+    from chai import cluster_counts
+    from chai.attention import AttnShape
+
+    found = {str(artifact["elbow"].get("rule", "chosen")).split(":")[0]: artifact["elbow"]["chosen"]}
+    for rule, counts in artifact.get("rules", {}).items():
+        found.setdefault(rule, counts)
+    if "sensitivity" in artifact:
+        shape = AttnShape(**{k: artifact["shape"][k] for k in ("layers", "heads", "kv_heads", "head_dim")})
+        try:
+            found[f"budget {BUDGET_SHOWN:.0%} K,V"] = cluster_counts.allocate(
+                artifact["sensitivity"]["delta_loss"], shape, BUDGET_SHOWN, "kv_bytes")
+        except Exception:  # out of reach on this layout: nothing to show
+            pass
+    return found
+
+
 def elbow_figure(artifact: dict, model: str):
-    """Each shown layer's mean K-Means inertia over k = 1..H (normalised to k=1) with the chosen k marked, and a
-    last panel with the chosen count of every layer."""
-    inertia, chosen = artifact["elbow"]["inertia"], artifact["elbow"]["chosen"]
+    """Each shown layer's mean K-Means inertia over k = 1..H (normalised to k=1) with every rule's choice marked and
+    the curve of structureless heads of the same size (what a rule picks on noise); a last panel with each rule's
+    count in every layer."""
+    inertia = artifact["elbow"]["inertia"]
+    rules = rule_counts(artifact)
+    noise = artifact.get("noise")
     layers = shown_layers(len(inertia))
     fig, axes = panels(len(layers) + 1, width=2.8, height=2.4, max_cols=3)
+    markers = dict(zip(rules, "oXsD^v"))
     for ax, layer in zip(axes, layers):
         curve = np.asarray(inertia[layer], dtype=float)
         curve = curve / curve[0] if curve[0] else curve
         ks = np.arange(1, len(curve) + 1)
-        ax.plot(ks, curve, marker=".", markersize=3)
-        k = chosen[layer]
-        ax.plot([k], [curve[k - 1]], "o", color="crimson", label=f"chosen k={k}")
+        ax.plot(ks, curve, marker=".", markersize=3, color="tab:blue")
+        if noise:
+            flat = np.asarray(noise["inertia"], dtype=float)
+            ax.plot(ks, flat / flat[0], linestyle="--", color="gray", linewidth=1, label="noise")
+        for i, (rule, counts) in enumerate(rules.items()):
+            k = counts[layer]
+            ax.plot([k], [curve[k - 1]], markers[rule], color=f"C{i + 1}", markersize=5, label=f"{rule}: {k}")
         ax.set_title(f"layer {layer}", fontsize=9)
         ax.set_xlabel("clusters k", fontsize=8)
         integer_axis(ax.xaxis, ks)
         ax.set_ylabel("inertia / inertia(k=1)", fontsize=8)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
         ax.grid(alpha=0.3)
     last = axes[-1]
-    last.bar(range(len(chosen)), chosen, color="tab:blue")
+    for i, (rule, counts) in enumerate(rules.items()):
+        last.step(range(len(counts)), counts, where="mid", color=f"C{i + 1}", label=rule)
     last.set_xlabel("layer", fontsize=8)
-    last.set_ylabel("chosen clusters", fontsize=8)
-    integer_axis(last.yaxis, range(1, max(chosen) + 1))
-    last.set_title(f"rule: {str(artifact['elbow'].get('rule', '')).split(':')[0]}", fontsize=9)
-    figure_title(fig, f"Elbow curves and chosen cluster counts: {model}")
+    last.set_ylabel("clusters", fontsize=8)
+    integer_axis(last.yaxis, range(1, max(max(c) for c in rules.values()) + 1))
+    last.legend(fontsize=6)
+    picks = f"; on noise: kneedle {noise['kneedle']}, threshold {noise['threshold']}" if noise else ""
+    last.set_title(f"counts per layer{picks}", fontsize=8)
+    figure_title(fig, f"Inertia curves and each rule's cluster counts: {model}")
     return fig
 
 
@@ -106,7 +137,7 @@ def cluster_size_figure(shares: np.ndarray, model: str):
     per_layer.set_title("per layer (colour: cluster size)")
     if len(used) <= 12:
         per_layer.legend(fontsize=6, ncol=2, title="size", title_fontsize=7)
-    figure_title(fig, f"Cluster sizes at the chosen counts: {model}")
+    figure_title(fig, f"Cluster sizes at the artifact's counts: {model}")
     return fig
 
 

@@ -16,6 +16,7 @@ import pandas as pd
 import yaml
 
 from chai.method_defaults import method_defaults as dataclass_defaults
+from chai.method_defaults import missing_means
 from chai.paths import CONF_DIR
 from chai.records import method_key, read_jsonl
 
@@ -129,6 +130,32 @@ def attention_compute(record: dict, calibrations: dict) -> float:
     return math.nan
 
 
+def kv_layout(record: dict, calibrations: dict) -> dict:
+    """The model's K,V layout: `expand_kv_heads` (a grouped-query model turned into its exact multi-head twin stores
+    more K,V: a different memory axis, never mixed with the shipped layout), its KV heads when known (the model's
+    `arch`, else its calibration artifact) and a name to title figures with."""
+    model_cfg = record.get("config", {}).get("model", {}) or {}
+    expanded = bool(model_cfg.get("expand_kv_heads"))
+    arch = model_cfg.get("arch") or {}
+    shape = (calibrations.get(record.get("model")) or {}).get("shape", {})
+    heads = arch.get("num_attention_heads", shape.get("heads"))
+    kv = heads if expanded else arch.get("num_key_value_heads", shape.get("kv_heads", heads))
+    name = str(model_cfg.get("hf_id") or record.get("model")).split("/")[-1]
+    return {"expand_kv_heads": expanded, "kv_heads": kv, "model_name": name}
+
+
+def read_fraction(record: dict) -> float:
+    """The share of its stored K,V a decode step reads: the method's `run_stats.kv_read_fraction`; else (records
+    before it existed) 1 / the compression it measured; else 1 (it reads all it stores)."""
+    stated = (record.get("run_stats") or {}).get("kv_read_fraction")
+    if isinstance(stated, (int, float)) and not isinstance(stated, bool):
+        return float(stated)
+    measured = ((record.get("method_info") or {}).get("measured") or {}).get("compression")
+    if isinstance(measured, (int, float)) and measured > 0:
+        return 1.0 / measured
+    return 1.0
+
+
 def _ok(record: dict) -> bool:
     return not record.get("error") and not record.get("oom")
 
@@ -150,10 +177,12 @@ def eval_frame(records: list[dict], calibrations: dict | None = None) -> pd.Data
             "n_examples": r.get("n_examples"),
             "kv_measured": (kv.get("measured") or {}).get("total", math.nan),
             "kv_analytic": (kv.get("analytic") or {}).get("total", math.nan),
+            "read_fraction": read_fraction(r), **kv_layout(r, calibrations),
+            "items": r.get("items") if isinstance(r.get("items"), dict) else None,
             "compute": attention_compute(r, calibrations),
             "time": r.get("time"), "run_id": r.get("run_id"), "experiment": r.get("experiment"),
         })
-    return _framed(rows, ("model", "method", "cell", "task", "limit"))
+    return _framed(rows, ("model", "expand_kv_heads", "method", "cell", "task", "limit"))
 
 
 def bench_frame(records: list[dict]) -> pd.DataFrame:
@@ -222,7 +251,7 @@ def matching(frame: pd.DataFrame, wanted: dict | None, vary: tuple = ()) -> pd.D
         return frame.iloc[0:0]
     name = wanted["name"]
     rows = frame[frame["method"] == name]
-    defaults = dataclass_defaults(name) or {}
+    defaults = {**(dataclass_defaults(name) or {}), **missing_means(name)}
     expected = {k: v for k, v in wanted.items() if k != "name" and k not in vary}
     if rows.empty or not expected:
         return rows
