@@ -85,17 +85,21 @@ def _classes() -> dict[str, dict]:
     return found
 
 
-def _fields(class_name: str) -> dict:
-    """A class's fields with their defaults, inherited ones first (dataclass order; a subclass overrides)."""
+def _inherited(class_name: str, own) -> dict:
+    """`own(info)` of a class merged over its bases' (dataclass order: a subclass overrides)."""
     info = _classes().get(class_name)
     if info is None:
         return {}
     merged = {}
     for base in reversed(info["bases"]):
-        merged.update(_fields(base))
-    for field, (where, value) in info["fields"].items():
-        merged[field] = MISSING if value is None else _default(value, where)
-    return merged
+        merged.update(_inherited(base, own))
+    return {**merged, **own(info)}
+
+
+def _fields(class_name: str) -> dict:
+    """A class's fields with their defaults, inherited ones first."""
+    return _inherited(class_name, lambda info: {
+        field: MISSING if value is None else _default(value, where) for field, (where, value) in info["fields"].items()})
 
 
 @cache
@@ -105,23 +109,13 @@ def all_defaults() -> dict[str, dict]:
             if info["registered"] and info["method"]}
 
 
-def _missing_means(class_name: str) -> dict:
-    info = _classes().get(class_name)
-    if info is None:
-        return {}
-    merged = {}
-    for base in reversed(info["bases"]):
-        merged.update(_missing_means(base))
-    return {**merged, **info.get("missing_means", {})}
-
-
 def missing_means(name: str) -> dict:
     """{setting: value} for settings a method gained after records were made: what a record without the setting ran
     with (the class's `missing_means`, e.g. SparQ's `scope`: older records are the row-wise variant). Settings not
     listed meant their default."""
     for class_name, info in _classes().items():
         if info["registered"] and info["method"] == name:
-            return _missing_means(class_name)
+            return _inherited(class_name, lambda info: info.get("missing_means", {}))
     return {}
 
 

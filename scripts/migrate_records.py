@@ -27,7 +27,7 @@ def display_of(record: dict) -> dict | None:
     """The method's display for the record's settings; None when its method is not a registered one."""
     settings = dict((record.get("config") or {}).get("method") or {})
     cls = METHODS.get(settings.pop("name", record.get("method")))
-    return None if cls is None else cls.display(settings)
+    return None if cls is None else cls.display(settings, record.get("method_info"))
 
 
 def migrate_line(line: str, refresh: bool) -> tuple[str, str]:

@@ -270,8 +270,14 @@ def test_chai_without_an_artifact_calibrates_first_as_eval_does(tmp_path, capsys
     path = artifact_path(str(tmp_path), "tiny_llama")
     assert not path.exists()
     run = run_mode(cfg, overrides=[])
-    chosen = json.loads(path.read_text())["elbow"]["chosen"]
-    assert run["method_info"]["clusters_per_layer"] == chosen and len(chosen) == 3
+    from chai import cluster_counts
+    from chai.attention import AttnShape
+
+    artifact = json.loads(path.read_text())
+    shape = AttnShape(**{k: artifact["shape"][k] for k in ("layers", "heads", "kv_heads", "head_dim")})
+    chosen, _ = cluster_counts.choose(artifact, shape, "budget", budget=0.1)  # CHAI's default rule
+    shown = run["method_info"]["clusters_per_layer"]
+    assert shown == ["dense" if c == shape.heads else c for c in chosen] and len(chosen) == 3
     assert run["bench_summary"]["measured"] == 2 and run["bench_summary"]["errors"] == 0
     out = capsys.readouterr().out
     assert "nan" not in out.lower() and "None" not in out

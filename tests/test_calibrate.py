@@ -161,7 +161,7 @@ def test_counts_override_and_load_or_calibrate(tiny_llama, corpus, tmp_path):
     shape = AttnShape.of(model.config)
     assert counts == cluster_counts.allocate(artifact["sensitivity"]["delta_loss"], shape, 0.25, "qk_work")
     assert cluster_counts.saving_of(counts, shape, "qk_work") >= 0.25
-    static = build_method({"name": "chai_static", "layer_clusters": "auto"})
+    static = build_method({"name": "chai_static", "layer_clusters": "auto", "count_rule": "threshold"})
     static.prepare(model, context)
     assert static.describe()["example_groups"]["1"] == PLANTED
     with torch.no_grad(), static.applied(model):

@@ -165,15 +165,22 @@ def test_a_prepared_run_is_labelled_by_the_heads_really_dropped(sparsity, label)
     method = DejaVuStatic(sparsity=sparsity, head_scores=random_scores(model))
     assert method.display(method.settings())["label"] == f"DejaVu-static {sparsity * 100:.0f}% (requested)"
     method.prepare(model)
-    assert method.display(method.settings())["label"] == f"DejaVu-static {label}"
+    assert method.display(method.settings(), method.describe())["label"] == f"DejaVu-static {label}"
     dropped = int(label.split("(")[1].split("/")[0])
     assert {k: method.describe()[k] for k in ("pruned_heads", "heads", "pruned_fraction")} == {
         "pruned_heads": dropped, "heads": 9, "pruned_fraction": dropped / 9}
 
 
-def test_old_records_state_the_requested_sparsity():
+def test_old_records_state_the_requested_sparsity_or_the_share_their_facts_show():
     old = {"dense_layers": 0, "sparsity": 0.3}  # settings of a record written before the real share was shown
     assert DejaVuStatic.display(old)["label"] == "DejaVu-static 30% (requested)"
+    # its method_info: every layer keeps 6 of 9 heads (compute fraction 6/9): the share is solved from them
+    facts = {"pruned_layers": list(range(30)), "kept_heads": {"0": [0, 1, 2, 3, 4, 5]}, "attention_compute_fraction": 6 / 9}
+    assert DejaVuStatic.display(old, facts)["label"] == "DejaVu-static 33% (3/9 heads)"
+    dense = {"dense_layers": 3, "sparsity": 0.5}  # 3 of 30 layers whole, 27 keep 4 of 9
+    facts = {"pruned_layers": list(range(3, 30)), "kept_heads": {"3": [0, 1, 2, 3]},
+             "attention_compute_fraction": (3 * 9 + 27 * 4) / (30 * 9)}
+    assert DejaVuStatic.display(dense, facts)["label"] == "DejaVu-static 56% (5/9 heads), first 3 layers dense"
 
 
 def test_dense_layers_variant_keeps_the_first_layers_and_says_so(tiny_model):
@@ -184,6 +191,7 @@ def test_dense_layers_variant_keeps_the_first_layers_and_says_so(tiny_model):
     method = DejaVuStatic(sparsity=0.5, dense_layers=2, head_scores=random_scores(model))
     method.prepare(model)
     assert sorted(method._plans) == [2] and method.describe()["pruned_layers"] == [2]
-    assert method.display(method.settings())["label"] == "DejaVu-static 50% (4/8 heads), first 2 layers dense"
+    assert method.display(method.settings(), method.describe())["label"] == (
+        "DejaVu-static 50% (4/8 heads), first 2 layers dense")
     ids = random_ids(1, 16, seed=4)
     torch.testing.assert_close(logits(model, ids, method), zeroed_heads_logits(model, method, ids), rtol=0, atol=1e-5)

@@ -10,6 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from chai.paths import ROOT
+from chai.method_defaults import missing_means
 from chai.records import already_recorded, append_jsonl, read_jsonl, record_key, records_by_key, run_key
 from tests.helpers import compose_cfg
 
@@ -87,14 +88,16 @@ def test_bench_cells_key_their_cell_not_the_task():
 def test_a_method_config_listing_more_of_its_settings_keys_the_same_cell(tmp_path):
     """CHAI-static's config used to list 4 settings, it now composes all of its dataclass's: a record with the
     short list and the old key is found by today's config, and a setting off its default is still told apart."""
-    now = config("method=chai_static", "task=piqa")
+    now = config("method=chai_static", "task=piqa", "method.count_rule=kneedle")  # the rule it ran (missing_means)
     then = copy.deepcopy(now)
     then["method"] = {k: now["method"][k] for k in ("name", "layer_clusters", "num_clusters",
                                                     "first_clustered_layer", "share_values")}
     path = tmp_path / "runs.jsonl"
     append_jsonl(path, {"run_key": old_run_key(then), "config": then, "mode": "eval"})
     assert already_recorded(path, now)
-    assert not already_recorded(path, config("method=chai_static", "task=piqa", "method.membership_tokens=3"))
+    assert not already_recorded(path, config("method=chai_static", "task=piqa", "method.count_rule=kneedle",
+                                             "method.membership_tokens=3"))
+    assert not already_recorded(path, config("method=chai_static", "task=piqa"))  # today's default rule: budget
 
 
 def test_a_changed_default_is_not_mistaken_for_the_old_one(tmp_path, monkeypatch):
@@ -124,8 +127,8 @@ def test_every_committed_record_keeps_resuming():
     the old keys did."""
     for path in sorted((ROOT / "results").glob("*/runs.jsonl")):
         records = [r for r in read_jsonl(path) if isinstance(r.get("config"), dict)]
-        assert all(r["run_key"] == old_run_key(r["config"]) for r in records), path  # stored the old way
-        old_cells = {old_run_key(r["config"]) for r in records}
+        # the keys they were stored with (the old function's, or the function of the day they were made)
+        old_cells = {r["run_key"] for r in records}
         assert len({record_key(r) for r in records}) == len(old_cells), path  # no cells merged or split
         done = records_by_key(path)
         for rec in records:
@@ -133,7 +136,8 @@ def test_every_committed_record_keeps_resuming():
                 continue
             today = copy.deepcopy(rec["config"])
             current = OmegaConf.to_container(compose_cfg([f"method={rec['method']}"]).method)
-            today["method"] = {**current, **rec["config"]["method"]}  # every setting today's config lists
+            # every setting today's config lists; a setting the record predates at what it ran with (missing_means)
+            today["method"] = {**current, **missing_means(rec["method"]), **rec["config"]["method"]}
             today.update(resume=False, bench={"new_tokens": 99}, membership={"n_docs": 1})
             assert run_key(today) in done, (path, rec["run_id"])
 
@@ -142,7 +146,9 @@ def test_a_record_of_a_retired_setting_at_its_neutral_value_keeps_resuming():
     """membership.num_clusters moved to method.num_clusters: the committed analysis record (null there) still counts
     as the cell today's config describes, while a record that set a count is another cell."""
     old = json.loads((ROOT / "results" / "analysis" / "runs.jsonl").read_text().splitlines()[0])
+    # today's config for what the record ran: its calibration settings (the defaults moved on since)
     today = OmegaConf.to_container(compose_cfg(list(old["overrides"])), resolve=True)
+    today["calibration"] = old["config"]["calibration"]
     assert "num_clusters" not in today["membership"] and old["config"]["membership"]["num_clusters"] is None
     assert record_key(old) == run_key(today)
     counted = {**old, "config": {**old["config"], "membership": {**old["config"]["membership"], "num_clusters": 3}}}

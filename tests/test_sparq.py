@@ -170,7 +170,17 @@ def test_labels_tell_published_from_row_wise_and_old_records_are_row_wise():
     # A record written before `scope` existed (k derived per row, every row sparse): the row-wise variant.
     old = {"compression": 8, "dense_prefix": 0, "k": None, "local_fraction": 0.25, "r": None,
            "reallocate_to_mean": True, "reference_context": 2048, "store_k_twice": False}
-    assert label(old) == "SparQ row-wise 8x"
+    assert label(old) == "SparQ row-wise 8x (current not forced)"
+    assert label({**old, "scope": "all_rows", "keep_current": False}) == "SparQ row-wise 8x (current not forced)"
+
+
+def test_keep_current_false_is_the_earlier_row_wise_rule():
+    """keep_current=false: local_k = floor(k / 4), 0 for k < 4 (the committed row-wise records); true: at least 1."""
+    n = torch.tensor([[[10, 40]]])  # at 8x: k = floor(10 / 16 + 0.5) = 1, floor(40 / 16 + 0.5) = 3
+    loose = SparQ(compression=8, k=None, scope="all_rows", keep_current=False).budgets(n)
+    kept = SparQ(compression=8, k=None, scope="all_rows").budgets(n)
+    assert loose[1].tolist() == [[[0, 0]]] and kept[1].tolist() == [[[1, 1]]]
+    assert torch.equal(loose[0], kept[0])
 
 
 @pytest.mark.parametrize(

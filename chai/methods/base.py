@@ -15,7 +15,7 @@ fail before any model loads). Every hook has a default, so a method overrides on
 | `kv_bytes_read(config, batch, context, dtype_bytes)` | = `kv_bytes` | bytes one decode step reads (the roofline) |
 | `set_prompt_lengths(lengths)` | stored | lm-eval scoring: per row, how many leading tokens are prompt (None: unknown) |
 | `run_stats()` | `RunStats()` | counters for the record: clustering time, decode kernel settings, K,V read fraction |
-| `label`, `order`, `color`, `variant(settings)` | the name | how tables and figures show the method (stored in records) |
+| `label`, `order`, `color`, `variant(settings)`, `display(settings, facts)` | the name | how tables and figures show the method (stored in records) |
 | `describe()` | {} | free-form facts for the record (chosen clusters, ...) |
 
 `with method.applied(model):` switches the model to the method and always switches it back: after the block the
@@ -126,8 +126,9 @@ class Method:
         return ""
 
     @classmethod
-    def display(cls, settings: dict) -> dict:
-        """How the report shows a run of this method with `settings` (stored in every record)."""
+    def display(cls, settings: dict, facts: dict | None = None) -> dict:
+        """How the report shows a run of this method with `settings` (stored in every record). `facts`: the run's
+        `describe()` (a record's method_info), for a label that needs the model (DejaVu-static's real share)."""
         label = cls.label or cls.name
         suffix = cls.variant(settings)
         return {"label": f"{label} {suffix}" if suffix else label, "family": label, "order": cls.order,

@@ -107,6 +107,23 @@ def score_tensor(rows, shape: AttnShape) -> torch.Tensor:
     return scores
 
 
+def _real_share(facts: dict, dense_layers: int) -> tuple[int, int] | None:
+    """(heads dropped per pruned layer, heads) from a run's facts: stated (`pruned_heads`, `heads`), or for records
+    written before, solved from the kept heads of a pruned layer and the attention-compute fraction (the first
+    `dense_layers` layers whole, every later one pruned alike): f (d + p) H = d H + p (H - dropped)."""
+    if "pruned_heads" in facts and "heads" in facts:
+        return int(facts["pruned_heads"]), int(facts["heads"])
+    pruned, kept, fraction = facts.get("pruned_layers"), facts.get("kept_heads"), facts.get("attention_compute_fraction")
+    if not pruned or not kept or not isinstance(fraction, (int, float)):
+        return None
+    p, k = len(pruned), len(next(iter(kept.values())))
+    denominator = p - (1 - fraction) * (dense_layers + p)
+    if denominator <= 0:
+        return None
+    heads = round(p * k / denominator)
+    return heads - k, heads
+
+
 def _dense_suffix(dense_layers) -> str:
     if not isinstance(dense_layers, int) or dense_layers <= 0:
         return ""
@@ -142,9 +159,6 @@ class DejaVuStatic(Method):
             self.head_scores is None or isinstance(self.head_scores, (str, Path, list, tuple, ListConfig)),
             "dejavu_static: head_scores must be null, a [layers][heads] list or a path to a JSON file.",
         )
-        # The runners show a run by `method.display(settings)` on the instance: once prepared it can state the heads
-        # really dropped. The class-level `display` (old records: settings only) states the requested sparsity.
-        self.display = self._display_prepared
 
     def check_shape(self, config) -> None:
         """dense_layers against the layers; given head scores against [layers, heads] (calibrated ones: in prepare)."""
@@ -212,13 +226,16 @@ class DejaVuStatic(Method):
             return ""
         return f"{sparsity * 100:.0f}% (requested)" + _dense_suffix(settings.get("dense_layers"))
 
-    def _display_prepared(self, settings: dict) -> dict:
-        """`display` of a prepared instance: the share of heads really dropped, "33% (3/9 heads)"."""
-        shown = type(self).display(settings)
-        if self._heads is not None:
-            dropped, heads = dropped_heads(self.sparsity, self._heads[1]), self._heads[1]
-            real = f"{100 * dropped / heads:.0f}% ({dropped}/{heads} heads)" + _dense_suffix(self.dense_layers)
-            shown["label"] = f"{shown['family']} {real}"
+    @classmethod
+    def display(cls, settings: dict, facts: dict | None = None) -> dict:
+        """With the run's facts (`describe()`, a record's method_info) the label states the share of heads really
+        dropped, "33% (3/9 heads)"; from settings alone, the requested one."""
+        shown = super().display(settings, facts)
+        real = _real_share(facts or {}, settings.get("dense_layers") or 0)
+        if real is not None:
+            dropped, heads = real
+            shown["label"] = (f"{shown['family']} {100 * dropped / heads:.0f}% ({dropped}/{heads} heads)"
+                              + _dense_suffix(settings.get("dense_layers")))
         return shown
 
     def describe(self) -> dict:

@@ -145,12 +145,14 @@ class SparQ(Method):
 
     name = "sparq"
     label, order, color = "SparQ", 30, "tab:purple"
-    missing_means: ClassVar[dict] = {"scope": "all_rows"}  # records made before `scope` ran every row sparse
+    # records made before `scope` and `keep_current` ran every row sparse and did not force the current position
+    missing_means: ClassVar[dict] = {"scope": "all_rows", "keep_current": False}
 
     compression: float | None = 8  # c: r = round(head_dim / c) (and k = round(S / (2c)) per row when k is null)
     r: int | None = None  # explicit r overrides the derived one
     k: int | None = 128  # positions kept per decode step (the paper's); null: derived per row from its context
     local_fraction: float = 0.25  # local_k = max(1, floor(k / 4)): the most recent positions always kept
+    keep_current: bool = True  # local_k >= 1 (the paper's); false: floor(k / 4) may be 0 (the earlier row-wise runs)
     scope: str = "continuation"  # continuation: prompt rows dense (published); all_rows: every row (row-wise)
     reallocate_to_mean: bool = True
     dense_prefix: int = 0
@@ -187,12 +189,12 @@ class SparQ(Method):
 
     def budgets(self, n: torch.Tensor):
         """Per-row (k, local_k, sparse?) from n, the number of positions each row may attend to. n: [B, 1, Tq].
-        local_k >= 1: the current position is always kept. Scope is applied by the caller."""
+        local_k >= 1 with `keep_current`: the current position is always kept. Scope is applied by the caller."""
         if self.k is not None:
             k_rows = torch.full_like(n, self.k)
         else:
             k_rows = torch.floor(n.double() / (2 * self.compression) + 0.5).long().clamp_min(1)
-        local_rows = torch.floor(k_rows.double() * self.local_fraction).long().clamp_min(1)
+        local_rows = torch.floor(k_rows.double() * self.local_fraction).long().clamp_min(int(self.keep_current))
         return k_rows, local_rows, (n > k_rows) & (n > self.dense_prefix)
 
     def in_scope(self, batch: int, rows: int, keys: int, device) -> torch.Tensor:
@@ -293,7 +295,8 @@ class SparQ(Method):
         ratio = f"{c:g}x" if isinstance(c, (int, float)) else f"r={r}"
         budget = "" if k is None else f"k={k}"
         if settings.get("scope", "all_rows") == "all_rows":
-            return f"row-wise {ratio}" + (f" ({budget})" if budget else "")
+            loose = "" if settings.get("keep_current", False) else ", current not forced"
+            return f"row-wise {ratio}" + (f" ({budget}{loose})" if budget else (f" ({loose[2:]})" if loose else ""))
         return f"{ratio} ({budget or 'k per row'})"
 
     def _measured(self) -> dict | None:

@@ -49,14 +49,15 @@ def _sweep_figure(part, tasks, series, x_label, title, metric, counts=False):
     return fig
 
 
-def _swept(part: pd.DataFrame, setting: str, x: str | None) -> list[pd.DataFrame]:
+def _swept(part: pd.DataFrame, setting: str, x: str | None, moot: tuple = ()) -> list[pd.DataFrame]:
     """Per method but the baseline, its rows at its default settings apart from `setting`, with an `x` column (the
-    setting's value, or the compute share when `x` is "compute"); only methods with two or more x values."""
+    setting's value, or the compute share when `x` is "compute"); only methods with two or more x values. `moot`:
+    settings the swept one makes irrelevant (report.yaml `moot`), matched whatever their value."""
     found = []
     for name in part["method"].unique():
         if name == baseline()["name"]:
             continue
-        rows = matching(part, method_cell(f"method={name}"), vary=(setting,))
+        rows = matching(part, method_cell(f"method={name}"), vary=(setting, *moot))
         if x == "compute":
             rows = rows[rows["compute"].notna()].assign(x=lambda r: r["compute"])
         else:
@@ -79,7 +80,7 @@ def sweep_figures(name: str, frame: pd.DataFrame, out: Path, metric: str = "acc"
     for model, expanded, limit, part in parts(frame):
         where = f"K,V heads expanded, {limit}" if expanded else limit
         # one line per method: its points' labels name the swept value (CHAI k=3, k=4, ...), the family does not
-        found = [rows.assign(label=rows["family"]) for rows in _swept(part, spec["setting"], x)]
+        found = [rows.assign(label=rows["family"]) for rows in _swept(part, spec["setting"], x, tuple(spec.get("moot", ())))]
         if not found:
             skipped.append(f"{name} {model} ({where}): fewer than two {what} recorded for any method {run}")
             continue

@@ -13,7 +13,7 @@ import pandas as pd
 from chai.report.style import figure_title, integer_axis, panels, save
 
 MAX_LAYERS = 8  # panels per figure: evenly spaced layers, first and last included
-BUDGET_SHOWN = 0.2  # Fig. 8 shows the budget rule's counts at this K,V saving
+BUDGET_SHOWN = 0.1  # Fig. 8 shows the budget rule's counts at this K,V saving (CHAI's default)
 
 
 def shown_layers(n: int, most: int = MAX_LAYERS) -> list[int]:
@@ -89,9 +89,9 @@ def elbow_figure(artifact: dict, model: str):
     last.set_ylabel("clusters", fontsize=8)
     integer_axis(last.yaxis, range(1, max(max(c) for c in rules.values()) + 1))
     last.legend(fontsize=6)
-    picks = f"; on noise: kneedle {noise['kneedle']}, threshold {noise['threshold']}" if noise else ""
-    last.set_title(f"counts per layer{picks}", fontsize=8)
-    figure_title(fig, f"Inertia curves and each rule's cluster counts: {model}")
+    last.set_title("counts per layer", fontsize=8)
+    picks = f" (on noise: kneedle {noise['kneedle']}, threshold {noise['threshold']})" if noise else ""
+    figure_title(fig, f"Inertia curves and each rule's cluster counts: {model}{picks}")
     return fig
 
 

@@ -28,5 +28,6 @@ def failure(err: BaseException) -> dict:
 def method_facts(method) -> dict:
     """What an eval or bench record says about the method that ran (contract hooks only): its own facts, how the
     report shows it (label, family, order, colour) and the counters it kept."""
-    return {"method_info": method.describe(), "display": method.display(method.settings()),
+    facts = method.describe()
+    return {"method_info": facts, "display": method.display(method.settings(), facts),
             "run_stats": dataclasses.asdict(method.run_stats())}
