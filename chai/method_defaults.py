@@ -98,8 +98,11 @@ def _inherited(class_name: str, own) -> dict:
 
 def _fields(class_name: str) -> dict:
     """A class's fields with their defaults, inherited ones first."""
-    return _inherited(class_name, lambda info: {
-        field: MISSING if value is None else _default(value, where) for field, (where, value) in info["fields"].items()})
+    def own(info):
+        return {field: MISSING if value is None else _default(value, where)
+                for field, (where, value) in info["fields"].items()}
+
+    return _inherited(class_name, own)
 
 
 @cache

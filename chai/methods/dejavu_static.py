@@ -113,7 +113,8 @@ def _real_share(facts: dict, dense_layers: int) -> tuple[int, int] | None:
     `dense_layers` layers whole, every later one pruned alike): f (d + p) H = d H + p (H - dropped)."""
     if "pruned_heads" in facts and "heads" in facts:
         return int(facts["pruned_heads"]), int(facts["heads"])
-    pruned, kept, fraction = facts.get("pruned_layers"), facts.get("kept_heads"), facts.get("attention_compute_fraction")
+    pruned, kept = facts.get("pruned_layers"), facts.get("kept_heads")
+    fraction = facts.get("attention_compute_fraction")
     if not pruned or not kept or not isinstance(fraction, (int, float)):
         return None
     p, k = len(pruned), len(next(iter(kept.values())))

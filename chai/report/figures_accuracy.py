@@ -79,8 +79,9 @@ def sweep_figures(name: str, frame: pd.DataFrame, out: Path, metric: str = "acc"
     written, skipped = [], []
     for model, expanded, limit, part in parts(frame):
         where = f"K,V heads expanded, {limit}" if expanded else limit
-        # one line per method: its points' labels name the swept value (CHAI k=3, k=4, ...), the family does not
-        found = [rows.assign(label=rows["family"]) for rows in _swept(part, spec["setting"], x, tuple(spec.get("moot", ())))]
+        # one line per method: its points' labels name the swept value (CHAI k=3, ...), the family does not
+        swept = _swept(part, spec["setting"], x, tuple(spec.get("moot", ())))
+        found = [rows.assign(label=rows["family"]) for rows in swept]
         if not found:
             skipped.append(f"{name} {model} ({where}): fewer than two {what} recorded for any method {run}")
             continue

@@ -153,7 +153,8 @@ def frontier_figure(found: list[Config], tasks: list[str], title: str, metric: s
     for row, (axis, x_label) in enumerate(AXES):
         for ax, task in zip(axes[row], panel_tasks):
             _draw_panel(ax, found, styles, axis, task, metric)
-            name = task_label(task) if task else f"mean of {len(tasks)} tasks (95% interval)"
+            plural = "s" if len(tasks) > 1 else ""
+            name = task_label(task) if task else f"mean of {len(tasks)} task{plural} (95% interval)"
             ax.set_title(name, fontsize=9)
             ax.set_xlabel(x_label, fontsize=7)
             ax.set_ylabel(f"{metric} (%)")
