@@ -15,8 +15,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from chai.method_defaults import method_defaults as dataclass_defaults
-from chai.method_defaults import missing_means
+from chai.method_defaults import method_defaults as dataclass_defaults, missing_means
 from chai.paths import CONF_DIR
 from chai.records import method_key, read_jsonl
 
