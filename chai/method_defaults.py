@@ -75,8 +75,9 @@ def _classes() -> dict[str, dict]:
                 if isinstance(statement, ast.Assign) and any(getattr(t, "id", None) == "name"
                                                              for t in statement.targets):
                     info["method"] = _literal(statement.value)
-                elif _named(statement, "missing_means"):
-                    info["missing_means"] = _literal(statement.value) or {}
+                elif _named(statement, "missing_means") or _named(statement, "moot_unless"):
+                    key = "missing_means" if _named(statement, "missing_means") else "moot_unless"
+                    info[key] = _literal(statement.value) or {}
                 elif _is_setting(statement):
                     # kept unread: only a method's own fields (and its bases') must have literal defaults
                     where = f"{path.name}:{statement.lineno} {node.name}.{statement.target.id}"
@@ -112,14 +113,25 @@ def all_defaults() -> dict[str, dict]:
             if info["registered"] and info["method"]}
 
 
+def _class_attribute(name: str, attribute: str) -> dict:
+    """A registered method's literal dict class attribute, merged over its bases'; {} when none declares it."""
+    for class_name, info in _classes().items():
+        if info["registered"] and info["method"] == name:
+            return _inherited(class_name, lambda info: info.get(attribute, {}))
+    return {}
+
+
 def missing_means(name: str) -> dict:
     """{setting: value} for settings a method gained after records were made: what a record without the setting ran
     with (the class's `missing_means`, e.g. SparQ's `scope`: older records are the row-wise variant). Settings not
     listed meant their default."""
-    for class_name, info in _classes().items():
-        if info["registered"] and info["method"] == name:
-            return _inherited(class_name, lambda info: info.get("missing_means", {}))
-    return {}
+    return _class_attribute(name, "missing_means")
+
+
+def moot_unless(name: str) -> dict:
+    """{setting: (other setting, [its values where the setting matters])}: the class's `moot_unless`, e.g. CHAI's
+    `budget` only matters under `count_rule=budget`."""
+    return _class_attribute(name, "moot_unless")
 
 
 def method_defaults(name: str) -> dict | None:

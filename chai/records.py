@@ -20,7 +20,7 @@ import uuid
 from importlib import metadata
 from pathlib import Path
 
-from chai.method_defaults import method_defaults, missing_means
+from chai.method_defaults import method_defaults, missing_means, moot_unless
 from chai.paths import ROOT
 
 # Settings that do not change what a run measures: left out of every run key.
@@ -39,10 +39,14 @@ PACKAGES = ("torch", "transformers", "lm_eval", "accelerate", "hydra-core", "ome
 def method_key(method: dict) -> dict:
     """A method config as a key: its name and the settings that differ from the method's dataclass defaults (an
     unknown method: every setting). A setting missing from an older record counts as what it ran with: the method's
-    `missing_means` value, else the default."""
+    `missing_means` value, else the default. A setting moot under another (`moot_unless`: CHAI's `budget` under
+    `count_rule=threshold`) is left out: runs that differ only there compute the same thing."""
     defaults = method_defaults(method.get("name")) or {}
     method = {**missing_means(method.get("name")), **method}
-    return {k: v for k, v in method.items() if k == "name" or k not in defaults or v != defaults[k]}
+    moot = {k for k, (other, values) in moot_unless(method.get("name")).items()
+            if method.get(other, defaults.get(other)) not in values}
+    return {k: v for k, v in method.items()
+            if k == "name" or (k not in moot and (k not in defaults or v != defaults[k]))}
 
 
 # Settings since removed, with the value that means what today's config does without them: an old record holding

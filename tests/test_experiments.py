@@ -169,3 +169,22 @@ def test_every_mode_is_wired_to_its_runner():
     assert set(RUNNERS) == set(MODES) and set(RESUMED_AS_A_WHOLE) <= set(MODES)
     for mode, run in RUNNERS.items():
         assert run is importlib.import_module(f"chai.runners.{mode}").run, mode
+
+
+def gpu_frontier_settings() -> list[str]:
+    """The settings array of scripts/gpu_frontier.sh, as bash expands it."""
+    script = (ROOT / "scripts" / "gpu_frontier.sh").read_text()
+    block = script[script.index("budget="):script.index("\n)\n", script.index("settings=(")) + 3]
+    shown = subprocess.run(["bash", "-c", block + 'printf "%s\\n" "${settings[@]}"'], capture_output=True, text=True,
+                           check=True)
+    return shown.stdout.splitlines()
+
+
+@pytest.mark.parametrize("setting", gpu_frontier_settings())
+def test_every_gpu_frontier_stage_composes_as_one_run(setting):
+    """Each stage of the GPU driver is one setting of the frontier experiment: it composes, and it sweeps nothing
+    (a comma in a group choice is refused by Hydra outside --multirun, which cost a device call once)."""
+    overrides = ["experiment=frontier", "model=tiny_llama", *setting.split()]
+    assert not any("," in o for o in overrides)
+    cfg = compose_full(overrides)
+    assert cfg.experiment_name == "frontier" and cfg.method.name in setting.split()[0]

@@ -503,3 +503,53 @@ def test_the_report_builds_the_frontier_from_its_experiment_only(tmp_path, front
     assert (root / "tables" / "frontier_savings_smollm2_expanded.md").exists()
     assert (root / "tables" / "table1_smollm2_expanded.md").exists()  # the layouts never share a table either
     assert not (root / "figures" / "frontier_llama7b.png").exists()
+
+
+def test_the_per_task_table_says_whether_every_task_stays_within_the_bound(tmp_path, frontier_spec):
+    from chai.report import stats
+    from chai.report.frontier_tasks import write_task_tables
+
+    recs = frontier_records()
+    twin = []  # a DejaVu config storing what CHAI with 6 clusters stores (80%), one point better on each task
+    for task, acc in (("piqa", 0.71), ("arc_easy", 0.67)):
+        rec = record("dejavu_static", task, acc, model="smollm2", kv=0.8, sparsity=0.2)
+        rec["experiment"], rec["config"]["model"] = "frontier", {**SMOLLM2, "expand_kv_heads": False}
+        twin.append(with_items(rec, [1] * round(acc * 200) + [0] * (200 - round(acc * 200))))
+    written, skipped = write_task_tables(frontier_frame(recs + twin), tmp_path)
+    assert [p.name for p in written] == ["frontier_tasks_smollm2.md"] and skipped == []
+    main, same = written[0].read_text().split("Same K,V bytes stored, different families")
+    cells = [[line.strip("| ").split(" | ") for line in part.splitlines()
+              if line.startswith("| ") and "---" not in line][1:] for part in (main, same)]
+    rows = {row[0]: row for row in cells[0]}
+    (pair,) = cells[1]  # CHAI with 6 clusters against the DejaVu config storing as much: one point lower
+    assert pair[:3] == [label("chai", num_clusters=6), label("dejavu_static", sparsity=0.2), "80.0%"]
+    assert [cell.split(" [")[0] for cell in pair[3:]] == ["-1.0", "-1.0", "-1.0"]  # PIQA, ARC-E, their mean
+    assert rows[f"{label('mha')} (acc, %)"][3:5] == ["72.0", "68.0"]
+    near, far = rows[label("chai", num_clusters=6)], rows[label("chai", num_clusters=2)]
+    n = 200  # nested items (see frontier_records): PIQA 0.72 -> 0.70, exactly -2 points
+    found = stats.difference({"doc_ids": "range", "acc": "1" * 144 + "0" * (n - 144)},
+                             {"doc_ids": "range", "acc": "1" * 140 + "0" * (n - 140)}, resamples=2000)
+    assert near[1:3] == ["80.0%", "80.0%"]
+    assert near[3] == f"{found.value * 100:+.1f} [{found.low * 100:+.1f}, {found.high * 100:+.1f}]"
+    assert near[-1] == "-2.0 (yes)" and far[-1] == "-10.0 (no)"  # 3 points is the bound
+    assert rows[label("sparq", compression=8)][1:3] == ["100.0%", "12.5%"]
+
+
+def test_the_expanded_baseline_borrows_only_the_tasks_it_has_not_run(frontier_spec):
+    from chai.report.figures_frontier import configs, equivalent_baseline
+
+    mha_label = label("mha")
+    expanded = [r for r in frontier_records(expanded=True) if r["method"] != "mha" or r["task"] == "piqa"]
+    shipped = frontier_records()
+    frame = equivalent_baseline(frontier_frame(shipped + expanded))
+    part = frame[frame["expand_kv_heads"]]
+    found, _ = configs(part, "acc")
+    base = next(c for c in found if c.is_base)
+    assert set(base.rows) == {"piqa", "arc_easy"} and base.label == f"{mha_label} (ARC-E from the as-shipped runs)"
+    assert base.rows["arc_easy"]["kv_measured"] == base.rows["piqa"]["kv_measured"] == 3000  # the expanded size
+    shipped_arc = next(r for r in shipped if r["method"] == "mha" and r["task"] == "arc_easy")
+    assert base.rows["arc_easy"]["items"] == shipped_arc["items"]
+    assert not frame[~frame["expand_kv_heads"]]["label"].str.contains("as-shipped").any()  # shipped rows untouched
+    # no expanded baseline record at all: nothing is borrowed (its K,V size would be a guess)
+    alone = [r for r in expanded if r["method"] != "mha"]
+    assert len(equivalent_baseline(frontier_frame(shipped + alone))) == len(frontier_frame(shipped + alone))

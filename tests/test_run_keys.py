@@ -153,3 +153,18 @@ def test_a_record_of_a_retired_setting_at_its_neutral_value_keeps_resuming():
     assert record_key(old) == run_key(today)
     counted = {**old, "config": {**old["config"], "membership": {**old["config"]["membership"], "num_clusters": 3}}}
     assert record_key(counted) != run_key(today)
+
+
+def test_a_knob_of_a_rule_not_in_use_does_not_split_a_cell():
+    """CHAI's `budget` means nothing under `count_rule=threshold` (and `threshold` nothing under the budget rule):
+    a record made while another default was in force is the same run; under its own rule the knob still counts."""
+    threshold = config("method=chai", "task=piqa", "method.count_rule=threshold")
+    assert run_key(threshold) == run_key(config("method=chai", "task=piqa", "method.count_rule=threshold",
+                                                "method.budget=0.2", "method.budget_of=qk_work"))
+    assert run_key(threshold) != run_key(config("method=chai", "task=piqa", "method.count_rule=threshold",
+                                                "method.threshold=0.2"))
+    budget = config("method=chai", "task=piqa", "method.count_rule=budget")
+    assert run_key(budget) == run_key(config("method=chai", "task=piqa", "method.count_rule=budget",
+                                             "method.threshold=0.3"))
+    assert run_key(budget) != run_key(config("method=chai", "task=piqa", "method.count_rule=budget",
+                                             "method.budget=0.2"))

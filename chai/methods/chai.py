@@ -66,6 +66,9 @@ class Chai(Method):
     label, order, color = "CHAI", 10, "tab:blue"
     membership: ClassVar[str] = "online"  # online | static (chai_static) | random (random_groups)
     missing_means: ClassVar[dict] = {"count_rule": "kneedle"}  # records made before the rules used the elbow
+    # A rule's own knob means nothing under another rule: runs that differ only there are one run (one key).
+    moot_unless: ClassVar[dict] = {"threshold": ("count_rule", ["threshold"]), "budget": ("count_rule", ["budget"]),
+                                   "budget_of": ("count_rule", ["budget"])}
     # A layer with as many clusters as heads is MHA (every head its own representative), so it runs dense, as the
     # released lists mean it (the Dec 2024 list keeps 18 of LLaMA-7B's layers at 32). Tests switch it off to
     # check the clustered path itself at that no-op setting.

@@ -16,6 +16,7 @@ import pandas as pd
 
 from chai.report import figures_accuracy, figures_analysis, figures_bench, figures_frontier
 from chai.report.bench_table import write_bench_table
+from chai.report.frontier_tasks import write_task_tables
 from chai.report.loading import (ADHOC, bench_frame, eval_frame, latest, load_calibrations, load_records,
                                  membership_frame, report_config)
 from chai.report.savings_table import write_savings
@@ -63,6 +64,7 @@ def _steps(data: dict, results: Path, metric: str) -> list:
            True) for name in report_config()["sweeps"]),
         ("frontier", "figures", lambda d, o: figures_frontier.frontier_figures(d, o, metric), frontier, True),
         ("frontier_savings", "tables", lambda d, o: write_savings(d, o, metric), frontier, True),
+        ("frontier_tasks", "tables", lambda d, o: write_task_tables(d, o, metric), frontier, True),
         ("fig06/07/08/13", "figures", figures_analysis.calibration_figures, data["calibrations"], True),
         ("fig09", "figures", figures_analysis.membership_figure, data["membership"], True),
         ("fig11", "figures", figures_bench.latency_figures, bench, True),
@@ -77,7 +79,7 @@ def _frames(records: list[dict], results: Path, failed: list) -> dict:
     # the frontier's records: its experiment's own, before `latest` (a cell also recorded elsewhere must not hide it)
     ours = [r for r in records if r.get("experiment") == report_config()["frontier"]["experiment"]]
     makers = {"accuracy": lambda: latest(eval_frame(records, calibrations)),
-              "frontier": lambda: latest(eval_frame(ours, calibrations)),
+              "frontier": lambda: figures_frontier.equivalent_baseline(latest(eval_frame(ours, calibrations))),
               "bench": lambda: latest(bench_frame(records)),
               "membership": lambda: latest(membership_frame(records))}
     data = {"calibrations": calibrations}

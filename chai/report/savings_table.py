@@ -8,9 +8,9 @@ from pathlib import Path
 import pandas as pd
 
 from chai.report import figures_frontier as frontier
-from chai.report.figures_frontier import Config, configs, title_of
+from chai.report.figures_frontier import Config
 from chai.report.style import task_label
-from chai.report.tables import parts, share_text, stem_for
+from chai.report.tables import share_text
 
 TOLERANCE = 1e-9  # a config measured at exactly the level counts as saving it
 
@@ -77,18 +77,12 @@ def caption(found: list[Config], tasks: list[str], metric: str, base: Config) ->
 
 def write_savings(frame: pd.DataFrame, out: Path, metric: str = "acc") -> tuple[list, list]:
     """The matched-savings table of every (model, K,V layout, limit) of the frontier experiment -> markdown."""
-    run = f"(run `python run.py experiment={frontier.spec()['experiment']}`)"
-    if frame.empty:
-        return [], [f"frontier_savings: no eval records of experiment {frontier.spec()['experiment']} {run}"]
-    written, skipped = [], []
-    for model, expanded, limit, part in parts(frame):
-        found, tasks = configs(part, metric)
-        name = f"frontier_savings {model} ({title_of(part, expanded, limit)})"
+    def make(part, found, tasks, stem, title):
         if not any(c.is_base and c.mean is not None for c in found) or not tasks:
-            skipped.append(f"{name}: no baseline recorded on every task {run}")
-            continue
+            return "no baseline recorded on every task"
         out.mkdir(parents=True, exist_ok=True)
-        path = out / f"{stem_for('frontier_savings', model, limit, expanded)}.md"
-        path.write_text(to_markdown(f"Matched K,V savings: {title_of(part, expanded, limit)}", found, tasks, metric))
-        written.append(path)
-    return written, skipped
+        path = out / f"{stem}.md"
+        path.write_text(to_markdown(f"Matched K,V savings: {title}", found, tasks, metric))
+        return [path]
+
+    return frontier.per_layout(frame, "frontier_savings", metric, make)
