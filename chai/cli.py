@@ -40,6 +40,7 @@ def run_mode(cfg, overrides: list[str], in_sweep: bool = False) -> dict | None:
     `error` so a sweep goes on; alone, a bad-input error ends the run with its one line."""
     # torch, transformers and lm-eval come with the runners: imported here, once the input is known good.
     from chai.runners import RESUMED_AS_A_WHOLE, RUNNERS
+    from chai.methods import display_of
     from chai.runners.record import failure, start
 
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -54,6 +55,9 @@ def run_mode(cfg, overrides: list[str], in_sweep: bool = False) -> dict | None:
             record.update(RUNNERS[cfg.mode](cfg, record))
     except Exception as err:  # noqa: BLE001 - a failure is a recorded row, not a lost sweep
         record.update(failure(err))
+        shown = display_of(config.get("method") or {})  # the report and the migration check name failed cells too
+        if shown is not None and "display" not in record:
+            record["display"] = shown
         append_jsonl(path, record)
         if in_sweep:
             print(f"failed (recorded): {record['error']}", file=sys.stderr)

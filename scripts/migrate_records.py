@@ -20,14 +20,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a file from anywhere, installed or not
 
-from chai.methods import METHODS, _discover  # noqa: E402  (imports torch: the method classes say how they show)
+from chai.methods import _discover  # noqa: E402  (imports torch: the method classes say how they show)
+from chai.methods import display_of as method_display  # noqa: E402
 
 
 def display_of(record: dict) -> dict | None:
     """The method's display for the record's settings; None when its method is not a registered one."""
-    settings = dict((record.get("config") or {}).get("method") or {})
-    cls = METHODS.get(settings.pop("name", record.get("method")))
-    return None if cls is None else cls.display(settings, record.get("method_info"))
+    method = {"name": record.get("method"), **((record.get("config") or {}).get("method") or {})}
+    return method_display(method, record.get("method_info"))
 
 
 def migrate_line(line: str, refresh: bool) -> tuple[str, str]:

@@ -77,6 +77,7 @@ def test_finished_cells_are_skipped_and_failures_recorded(tmp_path):
     failed = run_mode(bad, overrides=[], in_sweep=True)
     assert "piqa_validation.jsonl" in failed["error"]
     assert [bool(r.get("error")) for r in read_jsonl(tmp_path / "adhoc" / "runs.jsonl")] == [False, True]
+    assert failed["display"]["label"] == "MHA"  # a failed cell is named like a finished one (no migration needed)
 
 
 def test_wandb_disabled_writes_nothing(tmp_path):

@@ -35,4 +35,13 @@ def build_method(method_cfg) -> Method:
     return METHODS[name](**settings)
 
 
-__all__ = ["METHODS", "Method", "RunContext", "build_method", "register"]
+def display_of(method_cfg: dict, facts: dict | None = None) -> dict | None:
+    """How tables and figures show a method config (`Method.display`); None for a method not registered. A failed
+    run has no facts: its display comes from its settings alone, so its record still names what it was."""
+    _discover()
+    settings = dict(method_cfg)
+    cls = METHODS.get(settings.pop("name", None))
+    return None if cls is None else cls.display(settings, facts)
+
+
+__all__ = ["METHODS", "Method", "RunContext", "build_method", "display_of", "register"]

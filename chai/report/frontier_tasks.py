@@ -84,7 +84,7 @@ def to_markdown(title: str, found: list[Config], tasks: list[str], metric: str) 
         lines.append("| " + " | ".join([config.label, *shares, *(text for text, _ in cells),
                                          _verdict([d for _, d in cells], bound)]) + " |")
     lines += _same_bytes_pairs(found, base, tasks, metric)
-    caption = (f"Difference from {base.label} in points of lm-eval `{metric}` on each task (full sets), with "
+    caption = (f"Difference from {base.family} in points of lm-eval `{metric}` on each task (full sets), with "
                f"its paired bootstrap 95% interval over the task's items; —: not recorded. K,V stored: measured cache "
                f"bytes per token as a share of {base.family}'s; read: per decode step. Worst: the lowest difference, "
                f"and whether every task stays within {bound:g} points of {base.family}. Same bytes: configs of two "

@@ -53,7 +53,7 @@ def levels() -> list[tuple[str, float]]:
 def to_markdown(title: str, found: list[Config], tasks: list[str], metric: str) -> str:
     base = next(c for c in found if c.is_base)
     families = list(dict.fromkeys(c.family for c in found if not c.is_base))
-    head = ["Saving ≥", "Family", "Setting", f"mean {metric} (%)", f"vs {base.label} (points)", "K,V stored",
+    head = ["Saving ≥", "Family", "Setting", f"mean {metric} (%)", f"vs {base.family} (points)", "K,V stored",
             "K,V read"]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
              _row("—", base.family, base, base)]
@@ -67,11 +67,11 @@ def caption(found: list[Config], tasks: list[str], metric: str, base: Config) ->
     left_out = sorted(c.label for c in found if c.mean is None)
     text = (f"Metric: lm-eval `{metric}`, mean over {', '.join(map(task_label, tasks))} (each task weighs the same). "
             f"Per saving level and family: the config with the highest mean among those that save at least that "
-            f"share of {base.label}'s K,V bytes per token, stored (measured cache) or read per decode step. In "
-            f"brackets: bootstrap 95% interval, items resampled within each task (paired with {base.label} for the "
+            f"share of {base.family}'s K,V bytes per token, stored (measured cache) or read per decode step. In "
+            f"brackets: bootstrap 95% interval, items resampled within each task (paired with {base.family} for the "
             f"difference). n/a: a record without per-item outcomes; a mean's interval then comes from the recorded "
             f"standard errors. "
-            f"K,V stored / read: share of {base.label}'s stored bytes.")
+            f"K,V stored / read: share of {base.family}'s stored bytes.")
     return text + (f" Not recorded on every task, left out: {', '.join(left_out)}." if left_out else "")
 
 
