@@ -2,8 +2,10 @@
 # Prepares an offline GPU machine (torch + transformers preinstalled, no network) to run chai.
 # Source it from the repo root: `source scripts/gpu_setup.sh`. It uses, when present:
 #   .carry/whl/*.whl        wheels from ../shared/tools/gpu-wheels.sh (lm-eval, hydra, omegaconf, gguf, ...)
-#   .carry/gguf_a, _b, _c   the SmolLM2 GGUF in parts (split -n 3 -d ... smol_part_; SHA256 of the whole file
-#                           beside the last), carried in successive calls: 64 MiB travel per call
+#   .carry/gguf_a, _b, _c   the SmolLM2 GGUF in parts smol_part_00, _01, ... (SHA256 of the whole file beside the
+#                           last), carried in successive calls: 64 MiB travel per call, the working tree included.
+#                           Two parts fit: `head -c 39900000` into gguf_a (carried with whl and data), the rest
+#                           into gguf_b (`tail -c +39900001`), with the tree at 6.6 MB (2026-12-01)
 #   .carry/data/data.tgz    the evaluation/calibration JSONL files (tar of ../shared/data subset)
 # Everything lands in /tmp, which survives between calls while the machine stays warm.
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
