@@ -205,25 +205,31 @@ def _noise(shape: AttnShape, settings: dict) -> dict:
             f"flat-Dirichlet draws; mean K-Means inertia over {settings['noise_draws']} draws"}
 
 
-def _chosen(curves: list, shape: AttnShape, settings: dict) -> tuple[list[int], str]:
-    """The artifact's own counts: the calibration.counts override, else its rule."""
+def _rule_counts(curves: list, tau: float) -> dict[str, list[int]]:
+    """Each stored rule's counts per layer (the budget rule needs a target: CHAI reads it from the sensitivity table)."""
+    return {"kneedle": [cluster_counts.kneedle(c) for c in curves],
+            "threshold": [cluster_counts.threshold(c, tau) for c in curves]}
+
+
+def _chosen(rules: dict, shape: AttnShape, settings: dict) -> tuple[list[int], str]:
+    """The artifact's own counts: the calibration.counts override, else its rule's (`rules`: `_rule_counts`)."""
     if settings.get("counts") is not None:
         chosen = [int(c) for c in settings["counts"]]
         if len(chosen) != shape.layers or not all(1 <= c <= shape.heads for c in chosen):
             raise ChaiError(f"calibration.counts needs {shape.layers} counts in 1..{shape.heads}, got {chosen}.")
         return chosen, "override: calibration.counts"
     if settings["rule"] == "kneedle":
-        return [cluster_counts.kneedle(c) for c in curves], (
+        return rules["kneedle"], (
             "kneedle (the paper's elbow): argmax_k of (1 - x_k) - y_k with x = (k-1)/(H-1), "
             "y = (I_k - I_H)/(I_1 - I_H), I = mean K-Means inertia over documents")
-    tau = settings["threshold"]
-    return [cluster_counts.threshold(c, tau) for c in curves], (
-        f"threshold: smallest k with I_k <= {tau} * I_1, I = mean K-Means inertia over documents")
+    return rules["threshold"], (
+        f"threshold: smallest k with I_k <= {settings['threshold']} * I_1, I = mean K-Means inertia over documents")
 
 
 def _artifact(totals: _Totals, shape: AttnShape, settings, model_name, hf_id, n_docs) -> dict:
     curves = (totals.inertia / totals.docs).tolist()
-    chosen, rule = _chosen(curves, shape, settings)
+    rules = _rule_counts(curves, settings["threshold"])
+    chosen, rule = _chosen(rules, shape, settings)
     coassoc = totals.coassoc / totals.docs  # [L, k-1, H, H]
     counts = range(1, shape.heads + 1)
     by_count = [[consensus_groups(coassoc[layer, k - 1], k) for k in counts] for layer in range(shape.layers)]
@@ -234,8 +240,7 @@ def _artifact(totals: _Totals, shape: AttnShape, settings, model_name, hf_id, n_
         "settings": settings,
         "n_docs": n_docs,
         "elbow": {"inertia": curves, "chosen": chosen, "rule": rule},
-        "rules": {"kneedle": [cluster_counts.kneedle(c) for c in curves],
-                  "threshold": [cluster_counts.threshold(c, settings["threshold"]) for c in curves]},
+        "rules": rules,
         "correlation": (totals.correlation / totals.docs).tolist(),
         "correlation_example": totals.example.tolist(),
         "static_groups": [by_count[layer][k - 1] for layer, k in enumerate(chosen)],

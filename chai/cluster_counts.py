@@ -16,11 +16,12 @@ V heads (V is always kept; online membership keeps K for min(clusters, KV heads)
 """
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
-
-from chai.attention import AttnShape
 from chai.errors import ChaiError, did_you_mean
+
+if TYPE_CHECKING:  # plain arithmetic on 9-point curves: no torch, so the report can draw Fig. 8 without it
+    from chai.attention import AttnShape
 
 RULES = ("kneedle", "threshold", "budget")
 SAVINGS = ("kv_bytes", "qk_work")
@@ -28,39 +29,35 @@ SAVINGS = ("kv_bytes", "qk_work")
 
 def kneedle(curve: list[float]) -> int:
     """The count at the paper-style elbow of one layer's inertia curve (index 0 = one cluster)."""
-    c = torch.tensor(curve, dtype=torch.float64)
-    span = c[0] - c[-1]
+    span = curve[0] - curve[-1]
     if len(curve) == 1 or span <= 0:
         return 1
-    x = torch.linspace(0, 1, len(curve), dtype=torch.float64)
-    y = (c - c[-1]) / span
-    return int(((1 - x) - y).argmax()) + 1
+    below_chord = [(1 - i / (len(curve) - 1)) - (c - curve[-1]) / span for i, c in enumerate(curve)]
+    return max(range(len(curve)), key=below_chord.__getitem__) + 1  # first index on ties
 
 
 def threshold(curve: list[float], tau: float) -> int:
     """The smallest count whose inertia is at most tau times the one-cluster inertia."""
-    c = torch.tensor(curve, dtype=torch.float64)
-    below = torch.nonzero(c <= tau * c[0])
-    return int(below[0]) + 1 if len(below) else len(curve)
+    return next((k for k, c in enumerate(curve, start=1) if c <= tau * curve[0]), len(curve))
 
 
-def saved_units(shape: AttnShape, count: int, saving: str) -> int:
+def saved_units(shape: "AttnShape", count: int, saving: str) -> int:
     """Heads' worth of K (kv_bytes) or score matrices (qk_work) one layer at `count` clusters no longer holds."""
     if saving == "kv_bytes":
         return shape.kv_heads - min(count, shape.kv_heads)
     return shape.heads - count
 
 
-def total_units(shape: AttnShape, saving: str) -> int:
+def total_units(shape: "AttnShape", saving: str) -> int:
     """Everything a dense model holds (K and V heads) or computes (score matrices), in the same units."""
     return shape.layers * (2 * shape.kv_heads if saving == "kv_bytes" else shape.heads)
 
 
-def saving_of(counts: list[int], shape: AttnShape, saving: str) -> float:
+def saving_of(counts: list[int], shape: "AttnShape", saving: str) -> float:
     return sum(saved_units(shape, c, saving) for c in counts) / total_units(shape, saving)
 
 
-def allocate(costs: list[list[float]], shape: AttnShape, target: float, saving: str,
+def allocate(costs: list[list[float]], shape: "AttnShape", target: float, saving: str,
              first_layer: int = 0) -> list[int]:
     """Exact minimum-cost counts per layer with saving >= target. costs[layer][k-1]: loss increase at k clusters
     (k = heads costs 0: dense). A measured decrease is calibration noise, counted as free, never as a gain (else a
@@ -86,7 +83,7 @@ def allocate(costs: list[list[float]], shape: AttnShape, target: float, saving: 
     return best[need][2]
 
 
-def choose(artifact: dict, shape: AttnShape, rule: str, tau: float = 0.1, budget: float = 0.3,
+def choose(artifact: dict, shape: "AttnShape", rule: str, tau: float = 0.1, budget: float = 0.3,
            saving: str = "kv_bytes", first_layer: int = 0) -> tuple[list[int], str]:
     """(counts per layer, a one-line description of how they were chosen) from a calibration artifact."""
     if rule not in RULES:

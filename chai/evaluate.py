@@ -45,6 +45,7 @@ class CountingHFLM(HFLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         bar, self.bar_over_requests = self.bar_over_requests, False  # ... brings back the one over the requests
         self._prompt_of = prompt_lookup(requests, self.max_length)
+        self._input_sizes = {len(key) for key in self._prompt_of}  # once per eval, not per forward
         try:
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm and not bar, **kwargs)
         finally:
@@ -61,7 +62,7 @@ class CountingHFLM(HFLM):
         self.tokens_seen += inps.numel()
         if self.method is None or self._prompt_of is None:
             return super()._model_call(inps, *args, **kwargs)
-        self.method.set_prompt_lengths(prompt_lengths(inps, self._prompt_of, self.logits_cache))
+        self.method.set_prompt_lengths(prompt_lengths(inps, self._prompt_of, self.logits_cache, self._input_sizes))
         try:
             return super()._model_call(inps, *args, **kwargs)
         finally:
@@ -79,18 +80,23 @@ def prompt_lookup(requests, max_length: int) -> dict[tuple, set]:
     return lookup
 
 
-def prompt_lengths(inps: torch.Tensor, lookup: dict[tuple, set], shared_forward: bool) -> torch.Tensor:
+def prompt_lengths(inps: torch.Tensor, lookup: dict[tuple, set], shared_forward: bool,
+                   sizes: set[int] | None = None) -> torch.Tensor:
     """[batch] prompt lengths of lm-eval's right-padded input rows. A row is found by trying each length from its
-    last nonzero token to the padded width (the padding is zeros, but a real input may end in token 0 itself). A
+    last nonzero token to the padded width (the padding is zeros, but a real input may end in token 0 itself), only
+    the lengths some request's input has (`sizes`, from `lookup` when not given): one or two per row, not one
+    tuple per padding position, since this runs on every forward of every method. A
     row that matches no request or several, or requests with different prompt lengths outside a shared forward,
     fails loudly. Under lm-eval's logits cache (`shared_forward`) requests with one input share one forward, run
     for the one with the longest continuation: its prompt length, the smallest, is what that forward stands for."""
+    sizes = {len(key) for key in lookup} if sizes is None else sizes
     found = []
     for row in inps.tolist():
         real = len(row)
         while real > 0 and row[real - 1] == 0:
             real -= 1
-        matches = [lookup[key] for n in range(real, len(row) + 1) if (key := tuple(row[:n])) in lookup]
+        matches = [lookup[key] for n in range(real, len(row) + 1)
+                   if n in sizes and (key := tuple(row[:n])) in lookup]
         if len(matches) != 1 or (len(matches[0]) > 1 and not shared_forward):
             raise RuntimeError(
                 f"evaluate: cannot tell where the prompt ends in an lm-eval input row of {real} tokens "

@@ -22,6 +22,7 @@ METHODS_DIR = Path(__file__).resolve().parent / "methods"
 GROUP = "method_defaults"  # ConfigStore group: conf/method/<name>.yaml lists /method_defaults/<name>@_here_
 MISSING = "???"  # a field without a default: Hydra's mandatory value
 FACTORIES = {"list": list, "dict": dict}  # field(default_factory=list): an empty list
+CLASS_DICTS = ("missing_means", "moot_unless")  # literal dict class attributes read here (see `_class_attribute`)
 
 
 def _default(node: ast.expr, where: str):
@@ -75,9 +76,8 @@ def _classes() -> dict[str, dict]:
                 if isinstance(statement, ast.Assign) and any(getattr(t, "id", None) == "name"
                                                              for t in statement.targets):
                     info["method"] = _literal(statement.value)
-                elif _named(statement, "missing_means") or _named(statement, "moot_unless"):
-                    key = "missing_means" if _named(statement, "missing_means") else "moot_unless"
-                    info[key] = _literal(statement.value) or {}
+                elif (attribute := next((a for a in CLASS_DICTS if _named(statement, a)), None)) is not None:
+                    info[attribute] = _literal(statement.value) or {}
                 elif _is_setting(statement):
                     # kept unread: only a method's own fields (and its bases') must have literal defaults
                     where = f"{path.name}:{statement.lineno} {node.name}.{statement.target.id}"

@@ -306,6 +306,11 @@ def test_the_report_code_names_no_method():
 def test_the_report_never_imports_torch():
     code = "import sys; import chai.report; assert 'torch' not in sys.modules, 'chai.report imported torch'"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+    # drawing Fig. 8 reads every rule's counts, the budget rule's too: still no torch
+    code = ("import json, sys; from chai.report.figures_analysis import rule_counts; "
+            "found = rule_counts(json.load(open('results/calibration/smollm2.json'))); "
+            "assert 'budget 10% K,V' in found and 'torch' not in sys.modules, 'Fig. 8 imported torch'")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
 def test_figures_script_runs_with_defaults_on_a_results_folder(results, tmp_path):

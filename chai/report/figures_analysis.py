@@ -5,11 +5,13 @@ from mode=membership records.
 """
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import matplotlib
 import numpy as np
 import pandas as pd
 
+from chai.errors import ChaiError
 from chai.report.style import figure_title, integer_axis, panels, save
 
 MAX_LAYERS = 8  # panels per figure: evenly spaced layers, first and last included
@@ -39,18 +41,17 @@ def correlation_figure(artifact: dict, key: str, title: str):
 def rule_counts(artifact: dict) -> dict[str, list[int]]:
     """{rule label: counts per layer}: the artifact's own choice, each stored rule's, and the budget rule's at
     BUDGET_SHOWN of the K,V bytes on the calibrated layout (when the artifact has the sensitivity table)."""
-    from chai import cluster_counts
-    from chai.attention import AttnShape
+    from chai import cluster_counts  # torch-free: the report never imports torch
 
     found = {str(artifact["elbow"].get("rule", "chosen")).split(":")[0]: artifact["elbow"]["chosen"]}
     for rule, counts in artifact.get("rules", {}).items():
         found.setdefault(rule, counts)
     if "sensitivity" in artifact:
-        shape = AttnShape(**{k: artifact["shape"][k] for k in ("layers", "heads", "kv_heads", "head_dim")})
+        shape = SimpleNamespace(**artifact["shape"])  # layers, heads, kv_heads: all `allocate` reads of a shape
         try:
             found[f"budget {BUDGET_SHOWN:.0%} K,V"] = cluster_counts.allocate(
                 artifact["sensitivity"]["delta_loss"], shape, BUDGET_SHOWN, "kv_bytes")
-        except Exception:  # out of reach on this layout: nothing to show
+        except ChaiError:  # out of reach on this layout: nothing to show
             pass
     return found
 
