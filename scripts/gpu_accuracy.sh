@@ -33,15 +33,16 @@ run_stage() {  # $1: stage number, $2: the stage ("EXPERIMENT [OVERRIDES...]")
     "hydra.sweep.dir=/tmp/hydra/stage$1" "hydra.run.dir=/tmp/hydra/stage$1" 2> "$log"
 }
 n=0
+outs=$(mktemp -d /tmp/stage_out.XXXX)  # per invocation: two drivers side by side must not print each other's stages
 for stage in "$@"; do
   n=$((n + 1))
   if [[ -n "${PARALLEL:-}" ]]; then
     while (( $(jobs -rp | wc -l) >= ${JOBS:-4} )); do wait -n; done  # at most JOBS stages share the GPU
-    run_stage "$n" "$stage" > "/tmp/stage$n.out" &
+    run_stage "$n" "$stage" > "$outs/stage$n.out" &
   else run_stage "$n" "$stage"; fi
 done
 wait
-if [[ -n "${PARALLEL:-}" ]]; then for i in $(seq 1 "$n"); do cat "/tmp/stage$i.out"; done; fi
+if [[ -n "${PARALLEL:-}" ]]; then for i in $(seq 1 "$n"); do cat "$outs/stage$i.out"; done; fi
 # $OUT brings back at most 8 files: the records of the experiments that ran, the calibration artifacts, one log tar.
 for f in "$res"/*/runs.jsonl; do
   cmp -s "$f" "results/$(basename "$(dirname "$f")")/runs.jsonl" || cp "$f" "$OUT/results/$(basename "$(dirname "$f")").runs.jsonl"

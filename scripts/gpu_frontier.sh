@@ -11,7 +11,8 @@
 # (40,168 requests) 7-8 min per stage at JOBS=8, 4 min at JOBS=4. A cell cut short starts again from nothing, so a
 # call should hold only cells that finish in it. At JOBS=8 some BoolQ cells ran out of GPU memory (lm-eval's
 # log-softmax over 64 long passages x 49,152 vocabulary is 15 GiB per process): failed cells are recorded as
-# errors and re-run by the next call; JOBS=3 finished them.
+# errors and re-run by the next call; JOBS=3 finished them. Second session (2026-12-01): six HellaSwag stages side by
+# side (CHAI, threshold and budget rules) took 7.5-7.7 min; nine side by side did not finish in 9.5 min (three did).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 res=/tmp/chai_results
