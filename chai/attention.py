@@ -5,6 +5,7 @@ after the cache update, boolean `mask` [B, 1, Tq, Tk] with True = attend, and an
 ([B, Tq, H, D], weights-or-None). Always use the `scaling` argument: OPT pre-scales q and passes scaling=1.0.
 """
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -41,13 +42,42 @@ class AttnShape:
         return {"k": per_tensor, "v": per_tensor}
 
 
+# id -> weak reference of the masks built plain causal: no padding, no window (a tensor's == is elementwise, so a
+# WeakSet, which compares members with ==, cannot hold them)
+_PLAIN_CAUSAL: dict[int, weakref.ref] = {}
+
+
 def bool_causal_mask(*args, **kwargs):
     """Mask function for custom attention names: always a boolean [B, 1, Tq, Tk] mask (True = attend), never the
-    `None` + is_causal shortcut, because our functions slice rows and need the mask explicitly."""
-    from transformers.masking_utils import sdpa_mask
+    `None` + is_causal shortcut, because our functions slice rows and need the mask explicitly. A mask built from
+    positions alone (no padding mask, no window) is remembered (`plain_causal`): a kernel may then run `is_causal`
+    (flash attention) without reading the mask, which would cost a host sync."""
+    import inspect
+
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
 
     kwargs["allow_is_causal_skip"] = False
-    return sdpa_mask(*args, **kwargs)
+    mask = sdpa_mask(*args, **kwargs)
+    if torch.compiler.is_compiling():  # a compiled step cannot hold Python ids; it never asks `plain_causal`
+        return mask
+    given = inspect.signature(sdpa_mask).bind_partial(*args, **kwargs).arguments  # names differ across releases
+    plain = (given.get("attention_mask") is None and given.get("local_size") is None
+             and given.get("mask_function", causal_mask_function) is causal_mask_function)
+    if plain and mask is not None:
+        key = id(mask)
+        _PLAIN_CAUSAL[key] = weakref.ref(mask, lambda _, key=key: _PLAIN_CAUSAL.pop(key, None))
+    return mask
+
+
+def plain_causal(mask: torch.Tensor | None) -> bool:
+    """Whether `mask` (or None) is causal by position alone: built by `bool_causal_mask` with no padding and no
+    window. Known without reading the mask (no host sync); False when unsure, e.g. for a slice of such a mask."""
+    if mask is None:
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    known = _PLAIN_CAUSAL.get(id(mask))
+    return known is not None and known() is mask
 
 
 def additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | float:

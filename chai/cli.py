@@ -129,7 +129,22 @@ def membership_lines(record: dict) -> list[str]:
             f"one decided after t={found['reference_tokens']} tokens: {changed} -> {record['results_path']}"]
 
 
-SUMMARIES = {"eval": eval_lines, "calibrate": calibrate_lines, "bench": bench_lines, "membership": membership_lines}
+def capacity_lines(record: dict) -> list[str]:
+    """The run's capacity cells as a small table (each is also a record of its own in the same runs.jsonl)."""
+    summary = record["capacity_summary"]
+    budget = in_bytes(summary["budget"]["budget_bytes"])
+    lines = [f"capacity | {record['method']} | {record['model']}: {summary['measured']} cells measured, "
+             f"{summary['reused']} reused, {summary['errors']} failed, budget {budget} -> {summary['cells_path']}"]
+    rows = [("path", "S", "predicted B", "largest B", "tokens/s", "e2e s")]
+    for cell in summary["cells"]:
+        shown = (f"{cell['tokens_per_s']:.1f}", f"{cell['e2e_s']:.2f}") if cell["tokens_per_s"] else ("-", "-")
+        rows.append((cell["path"], cell["seq_len"], cell["predicted"], cell["measured"], *shown)
+                    if not cell["error"] else (cell["path"], cell["seq_len"], f"failed: {cell['error'][:100]}"))
+    return lines + columns(rows) + [f"left out: {why}" for why in summary["skipped_paths"]]
+
+
+SUMMARIES = {"eval": eval_lines, "calibrate": calibrate_lines, "bench": bench_lines, "membership": membership_lines,
+             "capacity": capacity_lines}
 
 
 def summarize(record: dict) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from chai.errors import ChaiError
+from chai.kernels.fused_kmeans import fused_kmeans, use_fused
 
 ALGOS = ("kmeans", "agglomerative")
 REPRESENTATIVES = ("first", "medoid")
@@ -169,13 +170,15 @@ def cluster_heads(features: torch.Tensor, n_clusters: int, algo: str = "kmeans")
     """Cluster the heads of a batch of requests. features [B, H, F] -> canonical labels [B, H] (LongTensor).
 
     `algo`: "kmeans" (the paper: batched Lloyd, farthest-point seeding) or "agglomerative" (the released code:
-    cosine distance, average linkage). `n_clusters` must be in 1..H.
+    cosine distance, average linkage). `n_clusters` must be in 1..H. K-Means runs as one fused kernel launch where
+    `use_fused` allows (a GPU, or Triton's interpreter), else as `kmeans`: the same labels, up to float32 rounding
+    ties (see `chai.kernels.fused_kmeans`).
     """
     heads = features.shape[1]
     if not 1 <= n_clusters <= heads:
         raise ChaiError(f"cannot cluster {heads} heads into {n_clusters} clusters: use 1..{heads}.")
     if algo == "kmeans":
-        return kmeans(features, n_clusters)[0]
+        return fused_kmeans(features, n_clusters) if use_fused(features) else kmeans(features, n_clusters)[0]
     if algo == "agglomerative":
         return agglomerative(features, n_clusters)
     raise ChaiError(f"unknown cluster_algo '{algo}'. Valid: {', '.join(ALGOS)}.")
@@ -230,12 +233,15 @@ class Membership:
     rep_slot: torch.Tensor
 
     @classmethod
-    def build(cls, labels: torch.Tensor, reps: torch.Tensor, groups: int, kv_heads: int) -> "Membership":
+    def build(cls, labels: torch.Tensor, reps: torch.Tensor, groups: int, kv_heads: int,
+              width: int | None = None) -> "Membership":
+        """`width`: entries of kv_keep, at least the most KV heads any request uses (a cache of fixed size passes
+        its slot count, which spares the host sync of finding the batch maximum)."""
         used_clusters = torch.zeros_like(reps, dtype=torch.bool).scatter_(1, labels, True)  # [B, C]
         rep_kv = reps // groups  # GQA: query head h reads KV head h // groups
         used = torch.zeros(reps.shape[0], kv_heads, dtype=torch.bool, device=reps.device)
         used.scatter_(1, torch.where(used_clusters, rep_kv, rep_kv[:, :1]), True)  # [B, Hkv]
-        width = int(used.sum(1).max())
+        width = int(used.sum(1).max()) if width is None else width
         order = (~used).to(torch.int8).argsort(dim=1, stable=True)[:, :width]  # used heads first, ascending
         filled = torch.arange(width, device=reps.device)[None] < used.sum(1, keepdim=True)
         kv_keep = torch.where(filled, order, order[:, :1])

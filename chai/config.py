@@ -11,7 +11,7 @@ from chai.paths import CONF_DIR
 
 GROUPS = ("method", "model", "task")
 CHECKED = GROUPS + ("experiment",)
-MODES = ("eval", "calibrate", "bench", "membership")
+MODES = ("eval", "calibrate", "bench", "membership", "capacity")
 INITS = ("pretrained", "random")
 # `offline=true` sets these (run.py before anything imports huggingface_hub, which reads them once; models.offline_hub
 # again around the run).

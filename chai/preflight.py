@@ -36,8 +36,8 @@ def preflight(cfg) -> None:
     if cfg.mode == "eval":
         check_eval(cfg)
     check_data(cfg)
-    config = model_config(cfg.model, cfg.offline, needs_tokenizer=cfg.mode != "bench")
-    if cfg.mode in ("eval", "bench"):
+    config = model_config(cfg.model, cfg.offline, needs_tokenizer=cfg.mode not in ("bench", "capacity"))
+    if cfg.mode in ("eval", "bench", "capacity"):
         check_methods(cfg, config)
 
 
@@ -201,7 +201,7 @@ def check_methods(cfg, config) -> None:
     bench also runs its baseline method."""
     from chai.methods import build_method  # torch and transformers: only once the cheap checks have passed
 
-    method_cfgs = [cfg.method] + ([{"name": cfg.bench.baseline_method}] if cfg.mode == "bench" else [])
+    method_cfgs = [cfg.method] + ([{"name": cfg.bench.baseline_method}] if cfg.mode in ("bench", "capacity") else [])
     for method_cfg in method_cfgs:
         method = build_method(method_cfg)
         if config is not None:

@@ -27,10 +27,11 @@ from chai.paths import ROOT
 VOLATILE_KEYS = ("experiment_name", "results_dir", "logger", "data_dir", "hydra", "offline", "resume")
 # Settings groups a mode never reads: left out of its runs' keys. A mode not listed here keys every group.
 OTHER_MODES = {
-    "eval": ("bench", "membership"),
-    "bench": ("eval", "membership", "task"),  # random token ids: no task; a cell's own settings are under bench
-    "calibrate": ("method", "task", "eval", "bench", "membership"),
-    "membership": ("task", "eval", "bench"),  # the method stays: its num_clusters is the one home of that count
+    "eval": ("bench", "membership", "capacity"),
+    "bench": ("eval", "membership", "task", "capacity"),  # random token ids: no task; a cell's settings: under bench
+    "calibrate": ("method", "task", "eval", "bench", "membership", "capacity"),
+    "membership": ("task", "eval", "bench", "capacity"),  # the method stays: the one home of num_clusters
+    "capacity": ("eval", "membership", "task"),  # random token ids; the bench settings it runs with stay
 }
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"  # a record's `time`: sorts as text within one time zone
 PACKAGES = ("torch", "transformers", "lm_eval", "accelerate", "hydra-core", "omegaconf", "scikit-learn")

@@ -4,6 +4,9 @@ A decode step of a memory-bound LLM reads every weight once and every K and V it
 possible time is (weight bytes + K,V bytes read) / copy bandwidth. The bandwidth is measured in the same run (one
 large device-to-device copy: bytes read + bytes written over the time), never taken from a datasheet.
 
+The same run measures the dense matrix-multiply rate, the ceiling of a prefill: its FLOP over that rate is a floor no
+honest TTFT goes below.
+
 Timing: CUDA events on the GPU, synchronised before and after every timed region; `perf_counter` on the CPU.
 Allocator statistics come from the CUDA caching allocator and are None on the CPU.
 """
@@ -94,6 +97,82 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int
     return {"bandwidth_GBps": 2 * nbytes / (median_ms * 1e-3) / 1e9, "copy_bytes": nbytes, "copy_ms": median_ms}
 
 
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int | None = None, repeats: int = 10) -> dict:
+    """Dense matrix-multiply rate in TFLOP/s (1e12 FLOP/s): median over `repeats` products of two n x n matrices in
+    the model's dtype, 2 n^3 FLOP each. n = 8192 on CUDA (a shape cuBLAS runs near its peak), 512 on the CPU. The
+    prefill's compute floor divides its FLOP by this rate."""
+    n = n or (8192 if device.type == "cuda" else 512)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    clock, times = Clock(device), []
+    a @ b  # warm-up: cuBLAS picks its kernel, the CPU pool starts
+    for _ in range(repeats):
+        with clock.region(times):
+            a @ b
+    median_ms = statistics.median(times)
+    del a, b
+    return {"tflops": 2 * n**3 / (median_ms * 1e-3) / 1e12, "matmul_n": n, "matmul_ms": median_ms,
+            "dtype": str(dtype).replace("torch.", "")}
+
+
+def weight_read_bandwidth(model, device: torch.device, batch: int = 1, repeats: int = 10) -> dict:
+    """How fast the stack's matmuls read the model's weights, in GB/s: every linear layer (the LM head included)
+    applied to a [batch, in] input, one after another, replayed as one CUDA graph on the GPU (no launch gaps), timed
+    with events; weight bytes over the median time. A decode step dominated by weight reads cannot beat this rate
+    with stock matmuls, so the roofline is reported at it as well as at the copy bandwidth."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = [torch.randn(batch, m.in_features, device=device, dtype=m.weight.dtype) for m in layers]
+    nbytes = sum(m.weight.numel() * m.weight.element_size() for m in layers)
+
+    def read_all():
+        for layer, x in zip(layers, inputs):
+            torch.nn.functional.linear(x, layer.weight)
+
+    with torch.no_grad():
+        run = read_all
+        if device.type == "cuda":
+            read_all()  # cuBLAS chooses its kernels before the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                read_all()
+            run = graph.replay
+        run()
+        clock, times = Clock(device), []
+        for _ in range(repeats):
+            with clock.region(times):
+                run()
+    median_ms = statistics.median(times)
+    return {"weight_read_GBps": nbytes / (median_ms * 1e-3) / 1e9, "weight_read_bytes": nbytes,
+            "weight_read_ms": median_ms, "linear_layers": len(layers), "batch": batch}
+
+
+def matrix_params(model) -> dict:
+    """Weights a prefill multiplies by, counted with the method applied (pruned projections count less): every
+    matrix of the decoder ("linear"), and the LM head apart (only the last position goes through it)."""
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    skip = {embedding.data_ptr(), head.weight.data_ptr() if head is not None else None}
+    seen, linear = set(), 0
+    for param in model.parameters():
+        if param.dim() < 2 or param.data_ptr() in skip or param.data_ptr() in seen:
+            continue
+        seen.add(param.data_ptr())
+        linear += param.numel()
+    return {"linear": linear, "lm_head": head.weight.numel() if head is not None else 0}
+
+
+def prefill_flops(params: dict, shape: AttnShape, batch: int, seq_len: int) -> dict:
+    """FLOP of one prefill of `batch` x `seq_len` tokens (multiply-add = 2): every decoder matrix (`matrix_params`)
+    once per token, the largest part and a certain lower bound; causal attention as dense MHA computes it (QK^T and
+    PV over the lower triangle, 2 x 2 x B x H x T^2 x D / 2 per layer); the LM head for the last position only
+    (`bench.prefill` keeps one logit row)."""
+    out = {"linear": 2 * params["linear"] * batch * seq_len,
+           "attention": 2 * shape.layers * batch * shape.heads * seq_len**2 * shape.head_dim,
+           "lm_head": 2 * batch * params["lm_head"]}
+    out["total"] = sum(out.values())
+    return out
+
+
 def weight_bytes_per_step(model) -> int:
     """Bytes of parameters one decode step reads: every parameter once, except an input embedding that is not
     tied to the output head (a step gathers only B rows of it)."""
@@ -109,12 +188,13 @@ def weight_bytes_per_step(model) -> int:
     return total
 
 
-def roofline(bandwidth_gbps: float, weight_bytes: int, kv_read: dict) -> dict:
+def roofline(bandwidth_gbps: float, weight_bytes: int, kv_read: dict, weight_read_gbps: float | None = None) -> dict:
     """The roofline of one decode step: bytes moved (weights + `kv_read`, the method's `kv_bytes_read` for the
-    whole batch) and the time they take at the measured bandwidth."""
+    whole batch) and the time they take at the measured copy bandwidth; with `weight_read_gbps` also the time when
+    the weights are read at the rate the stack's matmuls reach (`weight_read_bandwidth`) and K,V at the copy rate."""
     kv = kv_read["k"] + kv_read["v"]
     moved = weight_bytes + kv
-    return {
+    out = {
         "bandwidth_GBps": bandwidth_gbps,
         "weight_bytes": weight_bytes,
         "kv_bytes_read_per_step": kv,
@@ -122,6 +202,10 @@ def roofline(bandwidth_gbps: float, weight_bytes: int, kv_read: dict) -> dict:
         "kv_fraction_of_bytes": kv / moved,
         "time_ms": moved / (bandwidth_gbps * 1e9) * 1e3,
     }
+    if weight_read_gbps:
+        out["weight_read_GBps"] = weight_read_gbps
+        out["time_at_weight_read_ms"] = (weight_bytes / (weight_read_gbps * 1e9) + kv / (bandwidth_gbps * 1e9)) * 1e3
+    return out
 
 
 class Allocator:
@@ -166,12 +250,15 @@ def kv_cache_bytes(method, model, batch: int, tokens: int, measured: dict | None
     }
 
 
-def step_roofline(method, model, bandwidth: float, weights: int, batch: int, seq_len: int, n: int, baseline) -> dict:
+def step_roofline(method, model, bandwidth: float, weights: int, batch: int, seq_len: int, n: int, baseline,
+                  weight_read_gbps: float | None = None) -> dict:
     """Roofline of a decode step of `method` (weights: its `weight_bytes_per_step`) at the mean context of `n`
-    decode steps after a `seq_len` prompt, and the speedup over the `baseline` (MHA) roofline it predicts."""
+    decode steps after a `seq_len` prompt, and the speedup over the `baseline` (MHA) roofline it predicts;
+    `weight_read_gbps`: see `roofline`."""
     dtype_bytes = model.dtype.itemsize
     context = seq_len + (n + 1) / 2  # step i (0-based) attends to seq_len + i + 1 tokens
-    mine = roofline(bandwidth, weights, method.kv_bytes_read(model.config, batch, context, dtype_bytes))
+    mine = roofline(bandwidth, weights, method.kv_bytes_read(model.config, batch, context, dtype_bytes),
+                    weight_read_gbps)
     mha = roofline(bandwidth, weight_bytes_per_step(model), baseline.kv_bytes_read(model.config, batch, context,
                                                                                    dtype_bytes))
     mine["context_tokens"] = context

@@ -20,12 +20,12 @@ from chai.methods.base import RunStats
 from chai.records import read_jsonl
 from chai.roofline import kv_cache_bytes
 from chai.runners import bench as bench_runner
-from chai.runners import bench_measure
+from chai.runners import bench_cells, bench_measure
 from tests.helpers import compose_cfg
 
 LABELS = [0, 0, 1, 1, 2, 2, 2, 0]  # tiny_llama has 8 heads: 3 clusters
 REPS = [1, 2, 6]
-CELL_FIELDS = {"batch", "seq_len", "new_tokens", "path", "dtype", "ttft_ms", "ttft_no_cluster_ms", "ttnt_ms",
+CELL_FIELDS = {"batch", "seq_len", "new_tokens", "path", "dtype", "ttft_ms", "clustering_ms", "ttnt_ms", "prefill",
                "kv_bytes", "roofline", "speedup_vs", "roofline_predicted_speedup_vs_mha", "oom", "error"}
 STATS = {"median", "p10", "p90", "n"}
 
@@ -109,6 +109,10 @@ def test_one_wellformed_record_per_cell(tmp_path):
     records = cells(tmp_path)
     assert run["kind"] == "bench_run" and run["bench_summary"]["measured"] == 6 == len(records)
     assert run["bench_summary"]["paths"] == ["eager", "sdpa", "static_compiled"]
+    read = run["bench_summary"]["weight_read"]  # every linear layer, the (tied) LM head included, fp32
+    assert read["weight_read_bytes"] == 4 * (3 * (4 * 64 * 64 + 3 * 64 * 128) + 49152 * 64)
+    assert read["linear_layers"] == 3 * 7 + 1
+    assert read["weight_read_GBps"] > 0 and run["bench_summary"]["matmul"]["tflops"] > 0
     assert {(r["bench"]["seq_len"], r["bench"]["path"]) for r in records} == {
         (s, p) for s in (8, 12) for p in ("eager", "sdpa", "static_compiled")}
     for rec in records:
@@ -122,8 +126,17 @@ def test_one_wellformed_record_per_cell(tmp_path):
         roof = b["roofline"]
         assert roof["bytes_per_step"] == roof["weight_bytes"] + roof["kv_bytes_read_per_step"]
         assert roof["fraction_of_roofline"] > 0 and b["roofline_predicted_speedup_vs_mha"] == 1.0
+        weights_ms = roof["weight_bytes"] / (read["weight_read_GBps"] * 1e6)
+        kv_ms = roof["kv_bytes_read_per_step"] / (roof["bandwidth_GBps"] * 1e6)
+        assert roof["time_at_weight_read_ms"] == pytest.approx(weights_ms + kv_ms)
         assert b["speedup_vs"][f"mha_{b['path']}"] == 1.0
-        assert b["ttft_no_cluster_ms"] == b["ttft_ms"]  # MHA has no clustering step
+        assert b["clustering_ms"]["median"] == 0 and b["clustering_fraction_of_ttft"] == 0  # MHA never clusters
+        pre = b["prefill"]  # tiny_llama's FLOP from its shapes (conf/model/tiny_llama.yaml), batch 1
+        params = 3 * (4 * 64 * 64 + 3 * 64 * 128)  # 3 layers x (q, k, v, o 64x64; gate, up, down 64x128)
+        assert pre["flops"]["linear"] == 2 * params * b["seq_len"]
+        assert pre["flops"]["attention"] == 2 * 3 * 8 * b["seq_len"] ** 2 * 8  # layers, heads, T^2, head_dim
+        assert pre["flops"]["lm_head"] == 2 * 49152 * 64  # the last position only (tied to the embedding)
+        assert pre["time_at_matmul_rate_ms"] > pre["compute_floor_ms"] > 0 < pre["fraction_of_matmul_rate"] < 1
         assert rec["display"] == run["display"] == {"label": "MHA", "family": "MHA", "order": 0, "color": "tab:red"}
         assert rec["run_stats"]["clustering_calls"] == 0 and rec["results_path"] == run["results_path"]
 
@@ -176,6 +189,19 @@ def test_a_failing_cell_is_recorded(tmp_path, monkeypatch):
     assert by_path["sdpa"]["error"] is None
 
 
+def test_a_time_below_its_floor_is_refused():
+    """A TTFT faster than the prefill's weight FLOP at the measured matmul rate, or a step faster than its bytes at
+    the copy bandwidth, is not a measurement: `below_floor` says which and why; times at the floor pass."""
+    stats = lambda ms: {"median": ms, "p10": ms, "p90": ms, "n": 3}  # noqa: E731
+    bench = {"ttft_ms": stats(100.0), "ttnt_ms": stats(5.0), "bandwidth": {"bandwidth_GBps": 4000.0},
+             "prefill": {"compute_floor_ms": 100.0, "matmul": {"tflops": 700.0}}, "roofline": {"time_ms": 5.0}}
+    assert bench_cells.below_floor(bench) is None
+    bench["ttft_ms"] = stats(60.0)  # e.g. a prefill minus a host-timed part
+    assert bench_cells.below_floor(bench).startswith("TTFT p10 60.000 ms is below its floor 100.000 ms")
+    bench["ttft_ms"], bench["ttnt_ms"] = stats(99.0), stats(4.0)  # within 5%: noise; a step 20% under: refused
+    assert "TTNT p10 4.000 ms" in bench_cells.below_floor(bench) and "4000 GB/s" in bench_cells.below_floor(bench)
+
+
 def test_method_paths_are_timed_against_every_baseline(tmp_path, monkeypatch):
     """Static paths as on a GPU (a captured step; the stand-in graph replays eagerly on the CPU)."""
     monkeypatch.setattr(bench, "capture_graph", eager_capture)
@@ -189,7 +215,7 @@ def test_method_paths_are_timed_against_every_baseline(tmp_path, monkeypatch):
         assert by_path[name]["error"] is None and b["comparable_baseline"] == comparable
         assert b["step"] == ("cudagraph" if name == "method_static" else "eager")
         assert all(v is not None and v > 0 for v in b["speedup_vs"].values())
-        assert b["ttft_no_cluster_ms"]["median"] == pytest.approx(b["ttft_ms"]["median"] - 0.5)
+        assert b["clustering_ms"]["median"] == pytest.approx(0.5)  # what the method reports, not a subtraction
         kv = b["kv_bytes"]
         assert kv["analytic"] == kv["measured_cache"] and kv["saved_analytic"] == kv["saved_measured"] > 0
         assert b["roofline_predicted_speedup_vs_mha"] > 1.0

@@ -1,7 +1,7 @@
 """CHAI's fast paths on the CPU: the static cache decodes exactly what the dynamic CHAI cache decodes, holds the
 analytic K,V bytes, its decode step traces with fullgraph=True (what a CUDA-graph capture needs: no host sync, no
 graph break), the Triton kernel path (Triton's interpreter, in a fresh process) decodes what the PyTorch path
-decodes, and row-blocked prefill equals the unblocked formula."""
+decodes, and the one-call clustered prefill equals the formula written out."""
 
 import os
 import subprocess
@@ -16,7 +16,8 @@ from chai.attention import kv_bytes
 from chai.cli import run_mode
 from chai.errors import ChaiError
 from chai.methods import build_method
-from chai.methods._chai_attention import clustered_rows
+from chai.attention import bool_causal_mask, plain_causal
+from chai.methods._chai_attention import clustered_prefill
 from chai.methods.chai import ChaiLayer
 from tests.conftest import random_ids
 from tests.test_bench import bench_cfg, cells, eager_capture
@@ -104,24 +105,33 @@ def test_static_cache_refuses_what_its_step_cannot_model(tiny_llama):
 
 
 @pytest.mark.parametrize("kv_heads,share", [(8, False), (2, False), (8, True)])
-def test_row_blocks_equal_the_whole_formula(kv_heads, share):
-    """Prefill in blocks of query rows (here 1, 3, all) equals softmax over every row at once."""
+@pytest.mark.parametrize("tq,mask_kind", [(10, "none"), (10, "built"), (7, "causal"), (10, "padded")])
+def test_clustered_prefill_equals_the_formula(kv_heads, share, tq, mask_kind):
+    """One SDPA call (is_causal when the mask is plain causal, the mask otherwise) equals softmax(q_rep k_rep^T) of
+    each head's representative times the head's own V, written out here with every [B, H, Tq, Tk] score."""
     g = torch.Generator().manual_seed(0)
-    batch, heads, tq, tk, dim = 2, 8, 7, 10, 4
+    batch, heads, tk, dim = 2, 8, 10, 4
     q = torch.randn(batch, heads, tq, dim, generator=g)
     k, v = torch.randn(batch, kv_heads, tk, dim, generator=g), torch.randn(batch, kv_heads, tk, dim, generator=g)
     labels = torch.tensor([[0, 0, 1, 1, 2, 2, 2, 0], [1, 0, 1, 0, 0, 2, 2, 2]])
     reps = torch.tensor([[0, 2, 4], [1, 0, 5]])
     key_slot = reps // (heads // kv_heads)
-    mask = torch.ones(tk, tk, dtype=torch.bool).tril()[None, None, tk - tq:]
-    probs = torch.softmax((q @ k[:, :, None].expand(-1, -1, heads // kv_heads, -1, -1).reshape(batch, heads, tk, dim)
-                           .transpose(-1, -2) * 0.5).masked_fill(~mask, float("-inf")), dim=-1)
+    mask = torch.ones(tk, tk, dtype=torch.bool).tril()[None, None, tk - tq:].expand(batch, 1, tq, tk).clone()
+    if mask_kind == "padded":  # request 1 starts at position 3 (left padding): its first rows see nothing real
+        mask[1, :, :, :3] = False
+        mask[1, :, :3, :3] = torch.eye(3, dtype=torch.bool)  # what transformers' fully-masked-row fix leaves
+    passed = {"none": None, "causal": mask, "padded": mask,
+              "built": bool_causal_mask(batch_size=batch, q_length=tq, kv_length=tk, device="cpu")}[mask_kind]
+    if mask_kind == "built":
+        assert passed is not None and bool((passed == mask).all()) and plain_causal(passed)
+    assert not plain_causal(mask)  # an equal mask built elsewhere is not known to be causal (reading it would sync)
+    k_head = k[:, :, None].expand(-1, -1, heads // kv_heads, -1, -1).reshape(batch, heads, tk, dim)
+    probs = torch.softmax((q @ k_head.transpose(-1, -2) * 0.5).masked_fill(~mask, float("-inf")), dim=-1)
     value_of_head = key_slot.gather(1, labels) if share else (torch.arange(heads) // (heads // kv_heads)).expand(2, -1)
     rows = torch.arange(batch)[:, None]
     expected = probs[rows, reps[rows, labels]] @ v[rows, value_of_head]
-    for budget in (batch * heads * tk, 3 * batch * heads * tk, 1 << 28):
-        out = clustered_rows(q, k, v, mask, 0.5, labels, reps, key_slot, key_slot if share else None, budget)
-        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    out = clustered_prefill(q, k, v, passed, 0.5, labels, reps, key_slot, key_slot if share else None)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_bench_times_the_static_path_of_chai(tmp_path):

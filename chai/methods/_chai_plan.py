@@ -62,19 +62,44 @@ class ChaiPlan:
 
 @dataclass
 class ClusteringLog:
-    """What online clustering did since the method was built (the method's `run_stats` and `describe`)."""
+    """What online clustering did since the method was built (the method's `run_stats` and `describe`).
 
-    seconds: float = 0.0  # synchronised on the device
+    Timing: on CUDA each clustering is bracketed by two events recorded on the stream, so timing it adds no host
+    sync to the prefill; the events are read when `seconds` is (after the caller's own sync). On the CPU work is
+    synchronous and `perf_counter` suffices."""
+
     calls: int = 0
     last: dict[int, Membership] = field(default_factory=dict)  # layer -> the latest membership found
+    _seconds: float = 0.0  # resolved time
+    _pending: list = field(default_factory=list)  # (start, end) CUDA events not yet read
 
-    def record(self, layer: int, membership: Membership, started: float) -> None:
-        """One clustering of `layer`, begun at `started` (time.perf_counter), timed once the device has finished."""
-        if membership.labels.is_cuda:
-            torch.cuda.synchronize(membership.labels.device)
-        self.seconds += time.perf_counter() - started
+    def start(self, device: torch.device):
+        """A mark before one clustering: a recorded CUDA event, or perf_counter on the CPU."""
+        if device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def record(self, layer: int, membership: Membership, started) -> None:
+        """One clustering of `layer`, begun at mark `started` (`start`), ended now on the device's stream."""
+        if isinstance(started, torch.cuda.Event):
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._pending.append((started, end))
+        else:
+            self._seconds += time.perf_counter() - started
         self.calls += 1
         self.last[layer] = membership
+
+    @property
+    def seconds(self) -> float:
+        """Time spent clustering so far, on the device timeline (waits for the recorded events)."""
+        for begin, end in self._pending:
+            end.synchronize()
+            self._seconds += begin.elapsed_time(end) / 1e3
+        self._pending.clear()
+        return self._seconds
 
 
 class ChaiSession:

@@ -6,15 +6,16 @@ membership, the exact count with a fixed one) and V [B, Hkv, L, D] ([B, S, L, D]
 at the first update and written in place at the fill counter (a device tensor), as transformers' StaticLayer does.
 Membership (labels, reps, kept KV heads, representative slots) lives in preallocated buffers that a prefill fills
 with `copy_`, so a step captured after one prefill stays valid after `reset()` and the next. Online membership: the
-first forward must hold at least `membership_tokens` tokens (the whole prompt); it runs eagerly (clustering, host
-syncs) and writes the kept K after clustering. A decode step (one query token) reads K and V through
-`clustered_decode_attention` with the fill counter as the valid length: no host sync, no Python state that changes
-between steps. Padded batches are refused at prefill (the step does not read the mask).
+first forward must hold at least `membership_tokens` tokens (the whole prompt); it clusters on the device (no host
+sync when the batch is unpadded) and writes the kept K after clustering. A decode step (one query token) reads K and
+V through `clustered_decode_attention` with the fill counter as the valid length: no host sync, no Python state that
+changes between steps. Padded batches are refused at prefill (the step does not read the mask).
 """
 
 import torch
 from transformers.cache_utils import StaticLayer
 
+from chai.attention import plain_causal
 from chai.clustering import Membership
 from chai.errors import ChaiError
 from chai.kernels.clustered_decode import clustered_decode_attention
@@ -32,6 +33,7 @@ class ChaiStaticLayer(StaticLayer):
         self.session, self.plan, self.layer_idx = session, session.plan, layer_idx
         self.batch_size, self.kept = batch_size, kept
         self.ready = False  # membership buffers filled (Python: set by an eager prefill, constant while decoding)
+        self.host_filled: int | None = 0  # the fill counter as the host knows it (None: a decode step moved it)
         self.pending = None  # online: the first forward's (keys, values, positions) until it has clustered
         self.returned = None  # the keys `update` returned last (the handshake checks it is this forward's)
 
@@ -61,8 +63,12 @@ class ChaiStaticLayer(StaticLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        positions = torch.arange(key_states.shape[2], device=self.device) + self.cumulative_length
-        self.cumulative_length.add_(key_states.shape[2])
+        tq = key_states.shape[2]
+        positions = torch.arange(tq, device=self.device) + self.cumulative_length
+        self.cumulative_length.add_(tq)
+        # A captured decode step advances the counter without running this line again, so after one the host no
+        # longer knows the fill; a prefill after reset() knows it without reading the device.
+        self.host_filled = None if (tq == 1 and self.ready) or self.host_filled is None else self.host_filled + tq
         self.session.announce(self.layer_idx, self)
         share_values = self.plan.share_values
         if not self.ready:  # online, first forward: every K head until the membership exists (compact_from)
@@ -111,13 +117,16 @@ class ChaiStaticLayer(StaticLayer):
         if tq == 1 and self.ready:
             return self.decode(query, scaling)
         filled = self.check_prefill(mask, tq)
-        mask = causal(filled - tq, tq, filled, query.device) if mask is None else mask[..., :filled]
+        if plain_causal(mask):  # rows filled-tq..filled-1 over keys 0..filled-1; None: is_causal (flash attention)
+            mask = None if filled == tq else causal(filled - tq, tq, filled, query.device)
+        else:
+            mask = mask[..., :filled]
         if self.ready:  # fixed membership, or a later forward: compact K in the buffer
             keys, values = self.keys[:, :, :filled], self.values[:, :, :filled]
             return clustered(self.session, query, keys, values, mask, scaling, self.membership(), compact=True)
         if filled != tq:
             raise ChaiError("the static CHAI cache clusters in its first forward: pass the whole prompt at once.")
-        membership = membership_for(self.session, self.layer_idx, query, key, scaling, 0, None)
+        membership = membership_for(self.session, self.layer_idx, query, key, scaling, 0, None, width=self.kept)
         if membership is None:
             raise ChaiError(f"the static CHAI cache needs a prompt of at least method.membership_tokens="
                             f"{self.plan.membership_tokens} tokens.")
@@ -127,9 +136,12 @@ class ChaiStaticLayer(StaticLayer):
         return out
 
     def check_prefill(self, mask, tq: int) -> int:
-        """Eager (host syncs allowed): the filled length, after refusing padded batches."""
-        filled = int(self.cumulative_length)
-        if mask is not None and not bool((mask[..., :filled] == causal(filled - tq, tq, filled, mask.device)).all()):
+        """The filled length, after refusing padded batches; neither reads the device when the host knows the fill
+        (a prefill after reset()) and the mask is causal by construction (`plain_causal`)."""
+        filled = self.host_filled if self.host_filled is not None else int(self.cumulative_length)
+        if plain_causal(mask):
+            return filled
+        if not bool((mask[..., :filled] == causal(filled - tq, tq, filled, mask.device)).all()):
             raise ChaiError("the static CHAI cache takes unpadded batches only (its decode step reads no mask).")
         return filled
 
@@ -139,5 +151,6 @@ class ChaiStaticLayer(StaticLayer):
             self.keys.zero_()
             self.values.zero_()
         self.cumulative_length.zero_()
+        self.host_filled = 0
         self.pending = None
         self.ready = self.ready and self.plan.fixed is not None

@@ -10,8 +10,9 @@ from pathlib import Path
 
 from chai.report.loading import display_of
 
-HEADER = ("| batch | seq | method | path | TTFT ms | TTFT no-cluster ms | TTFT x sdpa | TTNT ms | x eager | x sdpa "
-          "| x static | roofline ms | of roofline | K,V of bytes | predicted x | of predicted | K,V MB | K,V saved |")
+HEADER = ("| batch | seq | method | path | TTFT ms | of which clustering ms | TTFT of matmul rate | TTFT x sdpa "
+          "| TTNT ms | x eager | x sdpa | x static | roofline ms | of roofline | K,V of bytes | predicted x "
+          "| of predicted | K,V MB | K,V saved |")
 
 
 def _f(x, fmt=".2f"):
@@ -42,13 +43,15 @@ def _row(batch, seq, label, b, error) -> str:
     static = b["path"] in ("static_compiled", "method_static")
     path = b["path"] + (f" ({b['step']})" if static and b.get("step") else "")  # how a static path was stepped
     if error:
-        return f"| {batch} | {seq} | {label} | {path} | {'OOM' if b.get('oom') else 'failed'} |" + " |" * 13
+        return f"| {batch} | {seq} | {label} | {path} | {'OOM' if b.get('oom') else 'failed'} |" + " |" * 14
     # .get: cells recorded before a field existed (or without their baselines) show "-" there
     s, roof, kv = b.get("speedup_vs") or {}, b.get("roofline") or {}, b["kv_bytes"]
     ttft_x = (b.get("ttft_speedup_vs") or {}).get("mha_sdpa")
     saved = kv["saved_analytic"] / kv["dense_analytic"] if kv.get("dense_analytic") else None
+    clustering = (b.get("clustering_ms") or {}).get("median")
+    of_matmul = (b.get("prefill") or {}).get("fraction_of_matmul_rate")  # recorded since the prefill's FLOP are
     return (f"| {batch} | {seq} | {label} | {path} | {_f(b['ttft_ms']['median'], '.1f')} "
-            f"| {_f(b['ttft_no_cluster_ms']['median'], '.1f')} | {_f(ttft_x)} "
+            f"| {_f(clustering, '.1f')} | {_f(of_matmul)} | {_f(ttft_x)} "
             f"| {_f(b['ttnt_ms']['median'])} | {_f(s.get('mha_eager'))} | {_f(s.get('mha_sdpa'))} "
             f"| {_f(s.get('mha_static_compiled'))} | {_f(roof.get('time_ms'))} "
             f"| {_f(roof.get('fraction_of_roofline'))} | {_f(roof.get('kv_fraction_of_bytes'))} "
@@ -62,7 +65,7 @@ def render(path: Path) -> str:
         return "No bench cells recorded.\n"
     out = []
     for where, note in sorted(notes.items()):
-        out += [f"### {where[0]} on {where[1]}", "", note, "", HEADER, "|" + "---|" * 18]
+        out += [f"### {where[0]} on {where[1]}", "", note, "", HEADER, "|" + "---|" * 19]
         out += [_row(batch, seq, *cell) for (*w, batch, seq, _, _, _), cell in sorted(latest.items())
                 if tuple(w) == where]
         out.append("")

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from chai.report import figures_accuracy, figures_analysis, figures_bench, figures_frontier
+from chai.report import figures_accuracy, figures_analysis, figures_bench, figures_capacity, figures_frontier
 from chai.report.bench_table import write_bench_table
+from chai.report.capacity_table import capacity_frame, write_capacity_table
 from chai.report.frontier_tasks import write_task_tables
 from chai.report.loading import (ADHOC, bench_frame, eval_frame, latest, load_calibrations, load_records,
                                  membership_frame, report_config)
@@ -70,6 +71,8 @@ def _steps(data: dict, results: Path, metric: str) -> list:
         ("fig11", "figures", figures_bench.latency_figures, bench, True),
         ("fig12", "figures", figures_bench.memory_figures, bench, True),
         ("bench_table", "bench", lambda d, o: write_bench_table(results, o), None, False),
+        ("capacity_table", "tables", write_capacity_table, data["capacity"], False),
+        ("capacity", "figures", figures_capacity.capacity_figures, data["capacity"], False),
     ]
 
 
@@ -81,7 +84,8 @@ def _frames(records: list[dict], results: Path, failed: list) -> dict:
     makers = {"accuracy": lambda: latest(eval_frame(records, calibrations)),
               "frontier": lambda: figures_frontier.equivalent_baseline(latest(eval_frame(ours, calibrations))),
               "bench": lambda: latest(bench_frame(records)),
-              "membership": lambda: latest(membership_frame(records))}
+              "membership": lambda: latest(membership_frame(records)),
+              "capacity": lambda: capacity_frame(records)}
     data = {"calibrations": calibrations}
     for name, make in makers.items():
         try:

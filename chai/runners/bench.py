@@ -27,7 +27,7 @@ from chai import bench
 from chai.errors import ChaiError, did_you_mean
 from chai.methods import build_method
 from chai.records import append_jsonl, run_key
-from chai.roofline import copy_bandwidth, weight_bytes_per_step
+from chai.roofline import copy_bandwidth, matmul_rate, matrix_params, weight_bytes_per_step, weight_read_bandwidth
 from chai.runners.bench_cells import (BASELINE_PATHS, COMPARABLE, METHOD_PATHS, annotate, cell_config, cell_line,
                                       cell_record, cell_summary, finished_cells)
 from chai.runners.bench_measure import BenchPath, measure_safely
@@ -91,10 +91,12 @@ def run(cfg, record: dict) -> dict:
     device, default_attn = model.device, model.config._attn_implementation
     paths, skipped = plan(cfg, method, baseline, default_attn)
     bandwidth = copy_bandwidth(device, bcfg.bandwidth_bytes)
-    weights = {}
+    rates = {"bandwidth": bandwidth, "matmul": matmul_rate(device, model.dtype),
+             "weight_read": weight_read_bandwidth(model, device)}
+    weights, params = {}, {}
     for path in paths:
         with path.method.applied(model):  # e.g. pruned projections change the bytes a step reads
-            weights[path.name] = weight_bytes_per_step(model)
+            weights[path.name], params[path.name] = weight_bytes_per_step(model), matrix_params(model)
     config, out_path = OmegaConf.to_container(cfg, resolve=True), Path(record["results_path"])
     done = finished_cells(out_path) if cfg.resume else {}
     counts, shown = {"measured": 0, "reused": 0, "errors": 0, "oom": 0}, []
@@ -111,8 +113,8 @@ def run(cfg, record: dict) -> dict:
                     continue
                 rec = start(cell, record["overrides"], "bench", out_path)
                 result = measure_safely(path, model, ids, bcfg, device, default_attn)
-                group[path.name] = cell_record(rec, path, model, result, batch, seq_len, bcfg, bandwidth,
-                                               weights[path.name], baseline)
+                group[path.name] = cell_record(rec, path, model, result, batch, seq_len, bcfg, rates,
+                                               weights[path.name], params[path.name], baseline)
                 fresh.append(rec)
                 counts.update(measured=counts["measured"] + 1, errors=counts["errors"] + bool(rec["error"]),
                               oom=counts["oom"] + bool(rec["oom"]))
@@ -124,7 +126,8 @@ def run(cfg, record: dict) -> dict:
     return {
         "kind": "bench_run",
         "bench_summary": {**counts, "paths": [p.name for p in paths], "skipped_paths": skipped,
-                          "bandwidth": bandwidth, "cells_path": str(out_path), "cells": shown},
+                          "bandwidth": bandwidth, "matmul": rates["matmul"], "weight_read": rates["weight_read"],
+                          "cells_path": str(out_path), "cells": shown},
         "timing": {"wall_s": time.perf_counter() - started},
         **method_facts(method),
         "dtype": str(model.dtype).replace("torch.", ""),

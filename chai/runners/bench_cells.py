@@ -7,8 +7,9 @@ and dynamic cache) with `sdpa`, `method_static` (its static cache, the same capt
 
 import copy
 
+from chai.attention import AttnShape
 from chai.records import records_by_key, succeeded
-from chai.roofline import kv_cache_bytes, percentiles, step_roofline
+from chai.roofline import kv_cache_bytes, percentiles, prefill_flops, step_roofline
 from chai.runners.record import method_facts
 
 BASELINE_PATHS = ("eager", "sdpa", "static_compiled")
@@ -16,6 +17,11 @@ METHOD_PATHS = ("method", "method_static")
 COMPARABLE = {"eager": "eager", "sdpa": "sdpa", "static_compiled": "static_compiled", "method": "sdpa",
               "method_static": "static_compiled"}
 GRID_KEYS = ("batch_sizes", "seq_lens", "paths")  # not part of a cell's identity: a cell resumes across grids
+# On a GPU a time below its floor is refused. The floors use rates measured in the same run (a large GEMM, a large
+# copy), which a real prefill or step cannot beat by more than noise; 5% leaves room for that noise and nothing else.
+# On the CPU the rates are not floors (a shared, loaded machine; a tiny model that lives in cache), so nothing is
+# refused there.
+FLOOR_TOLERANCE = 0.95
 
 
 def finished_cells(path) -> dict[str, dict]:
@@ -44,25 +50,60 @@ def ratio(num, den):
     return num / den if num is not None and den else None
 
 
-def cell_record(rec: dict, path, model, result: dict, batch: int, seq_len: int, bcfg, bandwidth: dict,
-                weights: int, baseline) -> dict:
-    """Fill a cell record from a measurement (or a failure): timings, K,V bytes, roofline, the method's facts."""
+def cell_record(rec: dict, path, model, result: dict, batch: int, seq_len: int, bcfg, rates: dict, weights: int,
+                params: dict, baseline) -> dict:
+    """Fill a cell record from a measurement (or a failure): timings, K,V bytes, roofline, the prefill's FLOP and
+    compute floor, the method's facts. `rates`: {"bandwidth": copy_bandwidth, "matmul": matmul_rate, "weight_read":
+    weight_read_bandwidth} of this run;
+    `weights`, `params`: the path's bytes read per step and matrix parameters (with its method applied)."""
     n = int(bcfg.new_tokens)
     kv = kv_cache_bytes(path.method, model, batch, seq_len + n if path.static else seq_len,
                         result.pop("kv_measured", None))
     trace = result.pop("traceback", None)
     empty = percentiles([])
+    bandwidth = rates["bandwidth"]
     bench = {"batch": batch, "seq_len": seq_len, "new_tokens": n, "path": path.name,
              "dtype": str(model.dtype).replace("torch.", ""), "bandwidth": bandwidth, "ttft_ms": empty,
-             "ttft_no_cluster_ms": empty, "ttnt_ms": empty, **result, "kv_bytes": kv,
-             **step_roofline(path.method, model, bandwidth["bandwidth_GBps"], weights, batch, seq_len, n, baseline)}
-    median = bench["ttnt_ms"]["median"]
+             "clustering_ms": empty, "ttnt_ms": empty, **result, "kv_bytes": kv,
+             "prefill": prefill_record(params, model, batch, seq_len, rates["matmul"]),
+             **step_roofline(path.method, model, bandwidth["bandwidth_GBps"], weights, batch, seq_len, n, baseline,
+                             rates["weight_read"]["weight_read_GBps"])}
+    refused = below_floor(bench) if model.device.type == "cuda" else None
+    if refused:
+        bench["refused"] = {"ttft_ms": bench["ttft_ms"], "ttnt_ms": bench["ttnt_ms"]}
+        bench.update(ttft_ms=empty, ttnt_ms=empty, error=refused)
+    median, ttft = bench["ttnt_ms"]["median"], bench["ttft_ms"]["median"]
     bench["roofline"]["fraction_of_roofline"] = ratio(bench["roofline"]["time_ms"], median)
+    bench["prefill"]["fraction_of_matmul_rate"] = ratio(bench["prefill"]["time_at_matmul_rate_ms"], ttft)
+    bench["clustering_fraction_of_ttft"] = ratio(bench["clustering_ms"]["median"], ttft)
     bench["tokens_per_s"] = ratio(batch * 1e3, median)
     rec.update(kind="bench_cell", bench=bench, oom=bench["oom"], error=bench["error"], **method_facts(path.method))
     if trace:
         rec["traceback"] = trace
     return rec
+
+
+def prefill_record(params: dict, model, batch: int, seq_len: int, matmul: dict) -> dict:
+    """The prefill's FLOP, the time they take at the measured matrix rate, and the compute floor: its weights'
+    FLOP alone at that rate (attention FLOP depend on the method; the weights' do not)."""
+    flops = prefill_flops(params, AttnShape.of(model.config), batch, seq_len)
+    per_ms = matmul["tflops"] * 1e9  # FLOP per ms
+    return {"flops": flops, "matmul": matmul, "time_at_matmul_rate_ms": flops["total"] / per_ms,
+            "compute_floor_ms": flops["linear"] / per_ms}
+
+
+def below_floor(bench: dict) -> str | None:
+    """Why a cell's times cannot be measurements, or None: its fastest TTFT (p10) below the prefill's compute
+    floor, or its fastest decode step below the roofline (bytes at the copy bandwidth)."""
+    checks = (("TTFT", bench["ttft_ms"]["p10"], bench["prefill"]["compute_floor_ms"],
+               f"its weights' FLOP at the measured {bench['prefill']['matmul']['tflops']:.1f} TFLOP/s"),
+              ("TTNT", bench["ttnt_ms"]["p10"], bench["roofline"]["time_ms"],
+               f"its bytes at the measured {bench['bandwidth']['bandwidth_GBps']:.0f} GB/s"))
+    for name, fastest, floor, why in checks:
+        if fastest is not None and fastest < FLOOR_TOLERANCE * floor:
+            return (f"{name} p10 {fastest:.3f} ms is below its floor {floor:.3f} ms ({why}): not a measurement, "
+                    f"times not recorded (they stay under bench.refused)")
+    return None
 
 
 def annotate(group: dict[str, dict]) -> None:

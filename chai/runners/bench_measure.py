@@ -4,7 +4,9 @@ synchronised; a failure, out of memory included, becomes the cell's result.
 
 Method hooks used (chai/methods/base.py): `make_cache` / `static_cache` (a static cache is allocated once, written
 in place, `reset()` empties it in place: K in `layer.keys`, V in `layer.values`, the measured bytes), and
-`run_stats().clustering_s`, whose growth over a prefill is the part of TTFT reported apart.
+`run_stats().clustering_s`, whose growth over a prefill is the time the method spent clustering inside it, measured
+on its own (CHAI brackets each clustering with device events). TTFT is the whole prefill, clustering included;
+nothing is subtracted from it.
 """
 
 import gc
@@ -70,7 +72,7 @@ class Decoder:
 
 
 def clustering_s(method) -> float:
-    """Seconds the method has spent clustering so far (`run_stats()`, cumulative, measured with a device sync)."""
+    """Seconds the method has spent clustering so far (`run_stats()`, cumulative, on the device timeline)."""
     return float(method.run_stats().clustering_s)
 
 
@@ -91,7 +93,6 @@ def measure(path: BenchPath, model, ids: torch.Tensor, bcfg, device: torch.devic
         "step": decoder.kind, "cache": type(decoder.cache).__name__,
         "cache_tokens": decoder.max_len if path.static else ids.shape[1],
         "ttft_ms": percentiles(ttft),
-        "ttft_no_cluster_ms": percentiles([t - c for t, c in zip(ttft, cluster)]),
         "clustering_ms": percentiles(cluster),
         "ttnt_ms": percentiles(steps),
         "warmup": {"setup_ms": decoder.setup_ms, "ttft_ms": percentiles(warm_ttft),
