@@ -7,31 +7,16 @@ Exact duplicates are built from small dyadic numbers, so that every distance the
 is exact on both paths: with inexact duplicates the torch path's BLAS can round two equal rows differently (see
 `chai.kernels.fused_kmeans`), and its labels then follow that rounding, not the algorithm."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
+import pytest
+import torch
 
-import torch  # before the decision below: importing torch does not import triton
+# before anything that may import triton (chai imports transformers, which imports torch._dynamo)
+from tests.triton_mode import DEVICE, INTERPRETING, ON_GPU, fresh_interpreter_run, needs_kernel as kernel_marker
+import chai.clustering as clustering  # noqa: E402, I001
+from chai.clustering import causal_features, cluster_heads, kmeans
+from chai.kernels import fused_kmeans as fk
 
-# As in tests/test_kernels.py: the interpreter must be on before triton's first import; when this process imported
-# triton earlier, the same tests run in a fresh interpreter instead (the last test).
-ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
-INTERPRETING = not ON_GPU and ("triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1")
-if INTERPRETING:
-    os.environ["TRITON_INTERPRET"] = "1"
-DEVICE = "cuda" if ON_GPU else "cpu"
-
-import pytest  # noqa: E402
-
-import chai.clustering as clustering  # noqa: E402
-from chai.clustering import causal_features, cluster_heads, kmeans  # noqa: E402
-from chai.kernels import fused_kmeans as fk  # noqa: E402
-
-needs_kernel = pytest.mark.skipif(
-    not (fk.HAVE_TRITON and (ON_GPU or INTERPRETING)),
-    reason="triton is not installed, or (no GPU) was imported before TRITON_INTERPRET=1 (the last test runs these)",
-)
+needs_kernel = kernel_marker(fk.HAVE_TRITON)
 
 
 def gaussian(batch, heads, width, seed=0):
@@ -211,10 +196,4 @@ def test_prefill_sized_batches_on_the_gpu():
 @pytest.mark.skipif(INTERPRETING or ON_GPU or not fk.HAVE_TRITON, reason="the kernel tests ran in this process")
 def test_kernel_in_a_fresh_interpreter():
     """The kernel tests of this file in a process where TRITON_INTERPRET=1 comes before triton's import."""
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-o", "addopts=", "-q", "-p", "no:cacheprovider",
-         "-k", "not fresh_interpreter and not on_the_gpu"],
-        env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=Path(__file__).resolve().parent.parent,
-        capture_output=True, text=True, timeout=900, check=False,
-    )
-    assert done.returncode == 0 and " passed" in done.stdout and "skipped" not in done.stdout, done.stdout[-4000:]
+    fresh_interpreter_run(__file__)

@@ -4,30 +4,16 @@ cluster per head it is plain multi-head attention. On a CUDA machine the kernel 
 Triton's interpreter runs it on the CPU."""
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
-import torch  # before the decision below: importing torch does not import triton
+import pytest
+import torch
+import torch.nn.functional as F
 
-# Triton's interpreter runs the kernel on CPU tensors, but only if it is on before triton's first import (triton
-# binds its language functions then, and torch._dynamo imports triton whenever it is installed). When this process
-# imported triton earlier, the same tests run in a fresh interpreter instead (the last test).
-ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
-INTERPRETING = not ON_GPU and ("triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1")
-if INTERPRETING:
-    os.environ["TRITON_INTERPRET"] = "1"
-DEVICE = "cuda" if ON_GPU else "cpu"
+# before anything that may import triton (chai imports transformers, which imports torch._dynamo)
+from tests.triton_mode import DEVICE, INTERPRETING, ON_GPU, fresh_interpreter_run, needs_kernel as kernel_marker
+from chai.kernels import clustered_decode as kd  # noqa: E402, I001
 
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from chai.kernels import clustered_decode as kd  # noqa: E402
-
-needs_kernel = pytest.mark.skipif(
-    not (kd.HAVE_TRITON and (ON_GPU or INTERPRETING)),
-    reason="triton is not installed, or (no GPU) was imported before TRITON_INTERPRET=1 (the last test runs these)",
-)
+needs_kernel = kernel_marker(kd.HAVE_TRITON)
 
 
 def on_device(*tensors):
@@ -222,10 +208,4 @@ def test_llama7b_sized_decode_on_the_gpu():
 @pytest.mark.skipif(INTERPRETING or ON_GPU or not kd.HAVE_TRITON, reason="the kernel tests ran in this process")
 def test_kernel_in_a_fresh_interpreter():
     """The kernel tests of this file in a process where TRITON_INTERPRET=1 comes before triton's import."""
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-o", "addopts=", "-q", "-p", "no:cacheprovider",
-         "-k", "not fresh_interpreter and not on_the_gpu"],
-        env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=Path(__file__).resolve().parent.parent,
-        capture_output=True, text=True, timeout=900, check=False,
-    )
-    assert done.returncode == 0 and " passed" in done.stdout and "skipped" not in done.stdout, done.stdout[-4000:]
+    fresh_interpreter_run(__file__)

@@ -116,13 +116,14 @@ def free_memory(device: torch.device, collect: bool = False) -> None:
         torch.cuda.empty_cache()
 
 
-def measure_safely(path, model, ids, bcfg, device, default_attn: str) -> dict:
-    """`measure` under the path's attention and method; a failure (OOM included) becomes the cell's result."""
+def measure_safely(path, model, ids, bcfg, device, default_attn: str, measure_fn=None) -> dict:
+    """`measure` (or `measure_fn`, same arguments) under the path's attention and method; a failure (OOM included)
+    becomes the cell's result."""
     result = None
     try:
         set_attn(model, path.attn)
         with torch.no_grad(), path.method.applied(model):
-            result = measure(path, model, ids, bcfg, device)
+            result = (measure_fn or measure)(path, model, ids, bcfg, device)
         result.update(oom=False, error=None)
     except OOM as err:
         result = {"oom": True, "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}

@@ -13,9 +13,8 @@ import time
 import torch
 
 from chai.roofline import Allocator, Clock, cuda_devices, percentiles
-from chai.runners.bench_measure import OOM, Decoder, free_memory, measure_safely, set_attn
+from chai.runners.bench_measure import Decoder, free_memory, measure_safely
 from chai.runners.capacity_search import Trial
-from chai.runners.record import failure
 
 
 class CellFailed(Exception):
@@ -124,20 +123,9 @@ def measure_rounds(path, model, ids: torch.Tensor, bcfg, device: torch.device) -
 
 
 def measure_safely_rounds(path, model, ids, bcfg, device, default_attn: str) -> dict:
-    """`measure_rounds` under the path's attention and method; a failure (OOM included) becomes the result, as in
-    `bench_measure.measure_safely`."""
-    result = None
-    try:
-        set_attn(model, path.attn)
-        with torch.no_grad(), path.method.applied(model):
-            result = measure_rounds(path, model, ids, bcfg, device)
-        result.update(oom=False, error=None)
-    except OOM as err:
-        result = {"oom": True, "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
-    except Exception as err:  # noqa: BLE001 - a failed cell is a recorded row, the grid goes on
-        result = {"oom": False, **failure(err)}
-    finally:
-        set_attn(model, default_attn)
+    """`measure_rounds` under `bench_measure.measure_safely`'s guards (a failure, OOM included, becomes the
+    result), then everything it held released."""
+    result = measure_safely(path, model, ids, bcfg, device, default_attn, measure_fn=measure_rounds)
     release(device)
     return result
 
