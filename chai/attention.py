@@ -5,6 +5,8 @@ after the cache update, boolean `mask` [B, 1, Tq, Tk] with True = attend, and an
 ([B, Tq, H, D], weights-or-None). Always use the `scaling` argument: OPT pre-scales q and passes scaling=1.0.
 """
 
+import functools
+import inspect
 import weakref
 from dataclasses import dataclass
 
@@ -47,20 +49,24 @@ class AttnShape:
 _PLAIN_CAUSAL: dict[int, weakref.ref] = {}
 
 
+@functools.cache
+def _signature(function) -> inspect.Signature:
+    """A function's signature, read once (every forward builds a mask)."""
+    return inspect.signature(function)
+
+
 def bool_causal_mask(*args, **kwargs):
     """Mask function for custom attention names: always a boolean [B, 1, Tq, Tk] mask (True = attend), never the
     `None` + is_causal shortcut, because our functions slice rows and need the mask explicitly. A mask built from
     positions alone (no padding mask, no window) is remembered (`plain_causal`): a kernel may then run `is_causal`
     (flash attention) without reading the mask, which would cost a host sync."""
-    import inspect
-
     from transformers.masking_utils import causal_mask_function, sdpa_mask
 
     kwargs["allow_is_causal_skip"] = False
     mask = sdpa_mask(*args, **kwargs)
     if torch.compiler.is_compiling():  # a compiled step cannot hold Python ids; it never asks `plain_causal`
         return mask
-    given = inspect.signature(sdpa_mask).bind_partial(*args, **kwargs).arguments  # names differ across releases
+    given = _signature(sdpa_mask).bind_partial(*args, **kwargs).arguments  # names differ across releases
     plain = (given.get("attention_mask") is None and given.get("local_size") is None
              and given.get("mask_function", causal_mask_function) is causal_mask_function)
     if plain and mask is not None:
