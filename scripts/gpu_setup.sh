@@ -4,8 +4,9 @@
 #   .carry/whl/*.whl        wheels from ../shared/tools/gpu-wheels.sh (lm-eval, hydra, omegaconf, gguf, ...)
 #   .carry/gguf_a, _b, _c   the SmolLM2 GGUF in parts smol_part_00, _01, ... (SHA256 of the whole file beside the
 #                           last), carried in successive calls: 64 MiB travel per call, the working tree included.
-#                           Two parts fit: `head -c 39900000` into gguf_a (carried with whl and data), the rest
-#                           into gguf_b (`tail -c +39900001`), with the tree at 6.6 MB (2026-12-01)
+#                           With the tree at 9.4 MB (2026-12-01) three parts: the first 36000000 bytes into gguf_a
+#                           (carried with whl and data), the next 40000000 into gguf_b (with whl, if the machine
+#                           went cold), the rest into gguf_c with the SHA256 file
 #   .carry/data/data.tgz    the evaluation/calibration JSONL files (tar of ../shared/data subset)
 # Everything lands in /tmp, which survives between calls while the machine stays warm.
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1

@@ -18,8 +18,9 @@ from chai.errors import ChaiError
 from chai.methods import build_method
 from chai.attention import bool_causal_mask, plain_causal
 from chai.methods._chai_attention import clustered_prefill
+from chai.methods._chai_static import ChaiStaticLayer
 from chai.methods.chai import ChaiLayer
-from tests.conftest import random_ids
+from tests.conftest import build_tiny_gqa, random_ids
 from tests.test_bench import bench_cfg, cells, eager_capture
 
 VOCAB = 1000
@@ -89,6 +90,28 @@ def test_static_step_traces_with_fullgraph(tiny_llama, kind, monkeypatch):
             token, position = step(token, position)
             tokens.append(token.clone())
     assert torch.equal(torch.cat(tokens, 1), dynamic)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphed_membership_equals_the_eager_one_on_the_gpu():
+    """On CUDA the static cache clusters through one CUDA graph per layer, captured at its first prefill: for two
+    different prompts in turn (the replay must read the new one), the same memberships and tokens as the dynamic
+    cache, which clusters eagerly."""
+    model = build_tiny_gqa(layers=3).cuda()
+    method = method_of({"name": "chai", "num_clusters": 3}, model)
+    with torch.no_grad(), method.applied(model):
+        cache = method.static_cache(model, 2, 16)
+        for seed in (1, 2):
+            ids = random_ids(2, 12, VOCAB, seed=seed).cuda()
+            dynamic_cache = method.make_cache(model)
+            dynamic = greedy(model, ids, dynamic_cache, 3)
+            eager = {i: m.labels.clone() for i, m in method._log.last.items()}
+            cache.reset()
+            static = greedy(model, ids, cache, 3)
+            clustered = [i for i, layer in enumerate(cache.layers) if isinstance(layer, ChaiStaticLayer)]
+            assert clustered and all(cache.layers[i].graph is not None for i in clustered)
+            assert torch.equal(dynamic, static)
+            assert all(torch.equal(cache.layers[i].labels, eager[i]) for i in clustered)
 
 
 def test_static_cache_refuses_what_its_step_cannot_model(tiny_llama):

@@ -7,7 +7,9 @@ at the first update and written in place at the fill counter (a device tensor), 
 Membership (labels, reps, kept KV heads, representative slots) lives in preallocated buffers that a prefill fills
 with `copy_`, so a step captured after one prefill stays valid after `reset()` and the next. Online membership: the
 first forward must hold at least `membership_tokens` tokens (the whole prompt); it clusters on the device (no host
-sync when the batch is unpadded) and writes the kept K after clustering. A decode step (one query token) reads K and
+sync when the batch is unpadded) and writes the kept K after clustering. On CUDA that clustering (about 60 small
+kernels a layer) replays as one CUDA graph per layer (`MembershipGraph`, captured at the cache's first prefill):
+launched one by one, its kernels cost the host more time than the GPU spends on a whole layer at batch 1. A decode step (one query token) reads K and
 V through `clustered_decode_attention` with the fill counter as the valid length: no host sync, no Python state that
 changes between steps. Padded batches are refused at prefill (the step does not read the mask).
 """
@@ -19,7 +21,7 @@ from chai.attention import plain_causal
 from chai.clustering import Membership
 from chai.errors import ChaiError
 from chai.kernels.clustered_decode import clustered_decode_attention
-from chai.methods._chai_attention import causal, clustered, first_clustered, membership_for, pick
+from chai.methods._chai_attention import causal, cluster_first_tokens, clustered, first_clustered, pick
 from chai.methods._chai_plan import ChaiSession
 
 
@@ -36,6 +38,7 @@ class ChaiStaticLayer(StaticLayer):
         self.host_filled: int | None = 0  # the fill counter as the host knows it (None: a decode step moved it)
         self.pending = None  # online: the first forward's (keys, values, positions) until it has clustered
         self.returned = None  # the keys `update` returned last (the handshake checks it is this forward's)
+        self.graph: MembershipGraph | None = None  # online, CUDA: the clustering as a CUDA graph
 
     def lazy_initialization(self, key_states, value_states) -> None:
         batch, kv_heads, _, dim = key_states.shape
@@ -71,7 +74,7 @@ class ChaiStaticLayer(StaticLayer):
         self.host_filled = None if (tq == 1 and self.ready) or self.host_filled is None else self.host_filled + tq
         self.session.announce(self.layer_idx, self)
         share_values = self.plan.share_values
-        if not self.ready:  # online, first forward: every K head until the membership exists (compact_from)
+        if not self.ready:  # online, first forward: every K head until the membership exists (compact)
             if not share_values:
                 self.values.index_copy_(2, positions, value_states)
             self.pending = (key_states, value_states, positions)
@@ -95,9 +98,8 @@ class ChaiStaticLayer(StaticLayer):
     def membership(self) -> Membership:
         return Membership(self.labels, self.reps, self.kv_keep, self.rep_slot)
 
-    def compact_from(self, m: Membership) -> None:
-        """Online membership found in the first forward: fill the buffers and write that forward's kept K (V)."""
-        self.set_membership(m)
+    def compact(self) -> None:
+        """Online membership found in the first forward (in the buffers): write that forward's kept K (V)."""
         keys, values, positions = self.pending
         self.keys.index_copy_(2, positions, pick(keys, self.kv_keep))
         if self.plan.share_values:
@@ -126,14 +128,34 @@ class ChaiStaticLayer(StaticLayer):
             return clustered(self.session, query, keys, values, mask, scaling, self.membership(), compact=True)
         if filled != tq:
             raise ChaiError("the static CHAI cache clusters in its first forward: pass the whole prompt at once.")
-        membership = membership_for(self.session, self.layer_idx, query, key, scaling, 0, None, width=self.kept)
-        if membership is None:
-            raise ChaiError(f"the static CHAI cache needs a prompt of at least method.membership_tokens="
-                            f"{self.plan.membership_tokens} tokens.")
+        membership = self.find_membership(query, key, scaling)
         keys, values, _ = self.pending  # every K (and V) head of the prompt
         out = first_clustered(self.session, query, keys, values, mask, scaling, membership, 0)
-        self.compact_from(membership)
+        self.compact()
         return out
+
+    def find_membership(self, query, key, scaling) -> Membership:
+        """Cluster the first m tokens of the prompt (query [B, H, Tq, D], key [B, Hkv, Tq, D]) into the buffers."""
+        m = self.plan.membership_tokens
+        if query.shape[2] < m:
+            raise ChaiError(f"the static CHAI cache needs a prompt of at least method.membership_tokens={m} tokens.")
+        q_first, k_first = query[:, :, :m], key[:, :, :m]
+        log = self.session.log
+        started = log.start(query.device)
+        if MembershipGraph.usable(query):
+            if self.graph is None:
+                self.graph = MembershipGraph(self.fill_membership, q_first, k_first, scaling)
+            self.graph.replay(q_first, k_first)
+            self.ready = True  # what set_membership does in Python, which a replay does not run
+        else:
+            self.fill_membership(q_first, k_first, scaling)
+        membership = self.membership()
+        log.record(self.layer_idx, membership, started)
+        return membership
+
+    def fill_membership(self, q_first, k_first, scaling) -> None:
+        """The clustering itself: q_first [B, H, m, D], k_first [B, Hkv, m, D] -> the membership buffers."""
+        self.set_membership(cluster_first_tokens(self.plan, self.layer_idx, q_first, k_first, scaling, self.kept))
 
     def check_prefill(self, mask, tq: int) -> int:
         """The filled length, after refusing padded batches; neither reads the device when the host knows the fill
@@ -154,3 +176,33 @@ class ChaiStaticLayer(StaticLayer):
         self.host_filled = 0
         self.pending = None
         self.ready = self.ready and self.plan.fixed is not None
+
+
+class MembershipGraph:
+    """One layer's clustering (`fill`: features, K-Means, representatives, buffer writes) captured as a CUDA graph:
+    a prefill copies its first m query and key rows into the graph's inputs and replays it, three launches in place
+    of about sixty. Valid while the cache lives: its buffers never move, and B, m and the scaling are fixed."""
+
+    def __init__(self, fill, q_first: torch.Tensor, k_first: torch.Tensor, scaling: float):
+        self.q, self.k = q_first.clone(), k_first.clone()
+        with torch.cuda.device(q_first.device):
+            # Warm-up outside the graph (PyTorch's recipe): compiles the K-Means kernel, sizes the allocations.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fill(self.q, self.k, scaling)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                fill(self.q, self.k, scaling)
+
+    @staticmethod
+    def usable(query: torch.Tensor) -> bool:
+        """Eager CUDA work outside any capture or compilation (those record the kernels themselves)."""
+        return (query.is_cuda and not torch.compiler.is_compiling()
+                and not torch.cuda.is_current_stream_capturing())
+
+    def replay(self, q_first: torch.Tensor, k_first: torch.Tensor) -> None:
+        self.q.copy_(q_first)
+        self.k.copy_(k_first)
+        self.graph.replay()
