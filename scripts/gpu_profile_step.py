@@ -8,8 +8,12 @@ profiler is added. Run on the GPU machine from the repository root (hydra import
 Each --run is NAME:OVERRIDES (comma-separated Hydra overrides of conf/config.yaml; empty = the MHA baseline). A run
 profiles its static path (`static_compiled` for MHA, `method_static` for a method) with the step captured as a CUDA
 graph; with --compile the MHA baseline's step is also profiled compiled (inductor, reduce-overhead); with --dynamic
-the dynamic-cache path instead (`sdpa` / `method`: eager steps, host time included). Prints, per run, TTNT, the
-step's kernel count, the summed kernel time per step, and the kernels taking most of it.
+the dynamic-cache path instead (`sdpa` / `method`: eager steps, host time included); with --prefill the prompt's
+forward (the TTFT, clustering included) instead of the decode round, kernels and host ops both. Prints, per run,
+TTNT (or TTFT), the kernel count per step (per prefill), the summed kernel time, and the kernels taking most of it:
+
+    PYTHONPATH=/tmp/site:. python scripts/gpu_profile_step.py --prefill --batch 8 --seq 4096 \
+        --run mha: --run chai_jul:method=chai,method.layer_clusters=llama7b_jul2024
 """
 
 import argparse
@@ -68,16 +72,19 @@ def profile_path(name: str, kind: str, overrides: list[str], args) -> None:
     try:
         with torch.no_grad(), path.method.applied(model):
             decoder = Decoder(path, model, ids, cfg.bench, model.device, Allocator(model.device))
-            token = decoder.prompt(clock)[0]
+            token, ttft = decoder.prompt(clock)[:2]
             ms = decoder.decode(token, clock)
             print(f"== {name} [{path.name}, {decoder.kind if not dynamic else 'dynamic'}] B={args.batch} "
-                  f"S={args.seq}: TTNT {percentiles(ms)['median']:.3f} ms", flush=True)
-            token = decoder.prompt(clock)[0]  # profiled on a round of its own: the profiler's cost stays out of TTNT
-            with torch.profiler.profile(activities=activities) as prof:
-                decoder.decode(token, clock)
-        if dynamic:  # host time matters here: the CPU side of every op
+                  f"S={args.seq}: TTFT {ttft:.2f} ms, TTNT {percentiles(ms)['median']:.3f} ms", flush=True)
+            if args.prefill:  # the prompt's forward, host ops too (a prefill launches eagerly)
+                activities = [*activities, torch.profiler.ProfilerActivity.CPU]
+            with torch.profiler.profile(activities=list(dict.fromkeys(activities))) as prof:
+                token = decoder.prompt(clock)[0]  # a round of its own: the profiler's cost stays out of the times
+                if not args.prefill:
+                    decoder.decode(token, clock)
+        if dynamic or args.prefill:  # host time matters here: the CPU side of every op
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top), flush=True)
-        print(kernel_table(prof, args.steps, args.top), flush=True)
+        print(kernel_table(prof, 1 if args.prefill else args.steps, args.top), flush=True)
     finally:
         set_attn(model, default_attn)
         if torch.cuda.is_available():
@@ -93,6 +100,7 @@ def main():
     parser.add_argument("--top", type=int, default=18)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--dynamic", action="store_true", help="the dynamic-cache path, eager steps")
+    parser.add_argument("--prefill", action="store_true", help="profile the prompt's forward, not the decode round")
     parser.add_argument("--run", action="append", default=[], help="NAME:OVERRIDES")
     args = parser.parse_args()
     graph = "cudagraph" if torch.cuda.is_available() else "eager"  # eager: rehearsing on a CPU

@@ -212,6 +212,30 @@ def test_memory_has_one_entry_per_method_and_coinciding_lines_stay_visible(tmp_p
     assert "allocator" in caption and "workspace" in caption and "nested" in caption
 
 
+def test_each_gpu_gets_its_own_figures_and_the_newest_the_plain_name(tmp_path, monkeypatch):
+    """Records of one model on two GPUs: one latency and one memory figure per GPU, no line drawn from both; the
+    GPU of the newest record keeps the plain file name."""
+    saved = {}
+    monkeypatch.setattr(figures_bench, "save", lambda fig, folder, stem: saved.setdefault(stem, fig) and [stem])
+    old = memory_and_latency_cells()
+    new = memory_and_latency_cells()  # made later: newer times
+    for cell in new:
+        cell["device"] = {"name": "NVIDIA H200"}
+        cell["bench"]["ttnt_ms"] = {k: v / 2 for k, v in cell["bench"]["ttnt_ms"].items()}
+    frame = bench(old + new)
+    figures_bench.latency_figures(frame, tmp_path)
+    figures_bench.memory_figures(frame, tmp_path)
+    assert sorted(saved) == ["fig11_latency_llama7b", "fig11_latency_llama7b_h100",
+                             "fig12_memory_llama7b", "fig12_memory_llama7b_h100"]
+    assert "H200" in saved["fig11_latency_llama7b"]._suptitle.get_text()
+    h100_ttnt = {tuple(line.get_ydata()) for line in saved["fig11_latency_llama7b_h100"].axes[1].get_lines()}
+    h200_ttnt = {tuple(line.get_ydata()) for line in saved["fig11_latency_llama7b"].axes[1].get_lines()}
+    assert h100_ttnt and h200_ttnt and not h100_ttnt & h200_ttnt
+    from chai.report.style import plt
+
+    plt.close("all")
+
+
 def test_each_method_keeps_its_display_colour_and_a_second_variant_gets_a_free_one():
     from chai.report.style import method_styles
 

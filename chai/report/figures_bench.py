@@ -1,6 +1,8 @@
 """Bench figures from mode=bench cell records: latency over sequence length (paper Fig. 11: time to first token and
 time per next token, median with the p10-p90 band) and K,V memory (Fig. 12: bytes held by the cache, analytic and
-measured, and the allocator's peak). One figure per model, one row of panels per batch size, one legend per figure.
+measured, and the allocator's peak). One figure per model and GPU, one row of panels per batch size, one legend per
+figure; the GPU of a model's newest record gets the plain name (fig11_latency_<model>), any other GPU's records a
+figure of their own, suffixed with the GPU (fig11_latency_<model>_h100), never lines mixed across GPUs.
 A method keeps its colour (the records' display) in both figures; the bench path (MHA's eager / SDPA /
 static+compiled baselines, a method's own dynamic or static path) is the line style. OOM cells are listed in the
 panel.
@@ -46,6 +48,17 @@ def _prompt_axis(ax, rows: pd.DataFrame, name: str, batch) -> None:
     _oom_note(ax, rows)
 
 
+def _by_gpu(done: pd.DataFrame):
+    """(model, GPU name, file suffix, rows) per model and GPU: the suffix is empty for the GPU that ran the model's
+    newest record, else "_" and the GPU's short name (NVIDIA H100 80GB HBM3 -> h100)."""
+    for model, ran in done.groupby("model", sort=True):
+        devices = ran["device"].fillna("unknown GPU")
+        newest = devices.loc[pd.to_datetime(ran["time"], utc=True, errors="coerce", format="ISO8601").idxmax()]
+        for device, rows in ran.groupby(devices, sort=True):
+            words = [w for w in device.split() if w.upper() != "NVIDIA"] or ["gpu"]
+            yield model, device, "" if device == newest else "_" + words[0].lower(), rows
+
+
 def _failed_models(frame: pd.DataFrame, name: str) -> tuple[pd.DataFrame, list[str]]:
     """The cells that ran, and one skip line per model whose every cell failed."""
     done = frame[~frame["failed"]]
@@ -60,8 +73,9 @@ def latency_figures(frame: pd.DataFrame, out: Path) -> tuple[list, list]:
         return [], ["fig11: no bench records (run `python run.py experiment=latency`)"]
     done, skipped = _failed_models(frame, "fig11")
     written = []
-    for model, ran in done.groupby("model", sort=True):
-        part, styles = frame[frame["model"] == model], method_styles(ran)
+    for model, device, suffix, ran in _by_gpu(done):
+        part = frame[(frame["model"] == model) & (frame["device"].fillna("unknown GPU") == device)]
+        styles = method_styles(ran)
         batches = sorted(ran["batch"].unique())
         fig, axes = panels(2 * len(batches), width=4.4, height=3.2, max_cols=2, layout="constrained")
         for b, batch in enumerate(batches):
@@ -77,8 +91,8 @@ def latency_figures(frame: pd.DataFrame, out: Path) -> tuple[list, list]:
                 log_axis(ax.yaxis)
                 _prompt_axis(ax, part[part["batch"] == batch], name, batch)
         _latency_legend(fig, styles, sorted(set(ran["path"])))
-        figure_title(fig, f"Latency: {model} (median, band p10-p90; log time axis)")
-        written += save(fig, out, f"fig11_latency_{model}")
+        figure_title(fig, f"Latency: {model} on {device} (median, band p10-p90; log time axis)")
+        written += save(fig, out, f"fig11_latency_{model}{suffix}")
     return written, skipped
 
 
@@ -131,12 +145,13 @@ def memory_figures(frame: pd.DataFrame, out: Path) -> tuple[list, list]:
         return [], ["fig12: no bench records (run `python run.py experiment=memory`)"]
     done, skipped = _failed_models(frame, "fig12")
     written = []
-    for model, ran in done.groupby("model", sort=True):
+    for model, device, suffix, ran in _by_gpu(done):
         styles = method_styles(ran)  # before the path filter: the same colours as the model's latency figure
         ran = ran[ran["path"].isin(MEMORY_PATHS)]
-        part = frame[(frame["model"] == model) & frame["path"].isin(MEMORY_PATHS)]
+        on_gpu = (frame["model"] == model) & (frame["device"].fillna("unknown GPU") == device)
+        part = frame[on_gpu & frame["path"].isin(MEMORY_PATHS)]
         if ran.empty:
-            skipped.append(f"fig12 {model}: no bench cell on the {' or '.join(MEMORY_PATHS)} path")
+            skipped.append(f"fig12 {model} on {device}: no bench cell on the {' or '.join(MEMORY_PATHS)} path")
             continue
         batches = sorted(ran["batch"].unique())
         fig, axes = panels(2 * len(batches), width=4.4, height=3.2, max_cols=2, layout="constrained")
@@ -150,8 +165,8 @@ def memory_figures(frame: pd.DataFrame, out: Path) -> tuple[list, list]:
             _prompt_axis(peak_ax, part[part["batch"] == batch], "allocator peak (MiB)", batch)
             peak_ax.set_title(f"allocator peak: cache + transient workspace, batch {batch}", fontsize=9)
         _memory_legend(fig, styles, set(ran["label"]))
-        figure_title(fig, f"K,V memory: {model}")
-        written += save(fig, out, f"fig12_memory_{model}")
+        figure_title(fig, f"K,V memory: {model} on {device}")
+        written += save(fig, out, f"fig12_memory_{model}{suffix}")
     return written, skipped
 
 
