@@ -153,7 +153,7 @@ def test_a_rerun_resumes_without_measuring(recorded, monkeypatch):
     def never(*args, **kwargs):
         raise AssertionError("a recorded cell was measured again")
 
-    monkeypatch.setattr(capacity, "measure_safely_rounds", never)
+    monkeypatch.setattr(capacity, "measure_released", never)
     again = run_mode(capacity_cfg(results, method="capacity_fewer_k"), overrides=[])
     assert again["capacity_summary"]["reused"] == 4 and again["capacity_summary"]["measured"] == 0
     assert len(cells(results)) == 4
@@ -187,15 +187,15 @@ def test_out_of_memory_in_a_trial_means_too_large(tiny_llama, monkeypatch):
 def test_out_of_memory_at_the_largest_batch_steps_down(tmp_path, monkeypatch):
     """The measurement at the largest batch uses the bench's static step, which may hold more than the search's:
     out of memory there counts as not fitting, and the batch steps down."""
-    real = capacity_measure.measure_rounds
+    real = bench_measure.measure
     allowed = largest_batch(8, SEQ_LENS[0]) - 2
 
-    def measure_rounds(path, model, ids, bcfg, device):
-        if ids.shape[0] > allowed:
+    def measure(path, model, ids, bcfg, device):
+        if bcfg.static_step != "eager" and ids.shape[0] > allowed:  # the final measurement, not a search trial
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(path, model, ids, bcfg, device)
 
-    monkeypatch.setattr(capacity_measure, "measure_rounds", measure_rounds)
+    monkeypatch.setattr(bench_measure, "measure", measure)
     run_mode(capacity_cfg(tmp_path, f"capacity.seq_lens=[{SEQ_LENS[0]}]"), overrides=[])
     (rec,) = cells(tmp_path)
     c = rec["capacity"]

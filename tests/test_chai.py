@@ -58,6 +58,15 @@ def test_clusters_equal_heads_is_mha(tiny_model):
     fewer = logits(model, ids, chai(num_clusters=2))
     assert (fewer[:, 5:] - ref[:, 5:]).abs().max() > 1e-3
     torch.testing.assert_close(fewer[:, :5], ref[:, :5], rtol=0, atol=1e-5)
+    # and with CHAI's caches: the static one (one prompt forward, first rows is_causal), the dynamic one with the
+    # prompt in two pieces (3 tokens, then the rest: the first rows at past 3, with a mask)
+    method = chai(num_clusters=2)
+    static = logits(model, ids, method, method.static_cache(model, 2, 24))
+    pieces = method.make_cache(model)
+    pieced = torch.cat([logits(model, ids[:, :3], method, pieces), logits(model, ids[:, 3:], method, pieces)], 1)
+    for out in (static, pieced):
+        torch.testing.assert_close(out[:, :5], ref[:, :5], rtol=0, atol=1e-5)
+        assert (out[:, 5:] - ref[:, 5:]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("prompt_len", [9, 3])

@@ -81,9 +81,16 @@ def first_clustered(session: ChaiSession, query, key, value, mask, scaling, m: M
     # rows, a handful, replaced by MHA's.
     out = clustered(session, query, key, value, mask, scaling, m, compact=False)
     if n_dense:
-        rows = causal(past, n_dense, key.shape[2], query.device) if mask is None else mask[..., :n_dense, :]
-        out[:, :, :n_dense] = F.scaled_dot_product_attention(
-            query[:, :, :n_dense], key, value, rows, scale=scaling, enable_gqa=plan.shape.groups > 1)
+        # A causal row sees no key after its own position: the first rows read `seen` keys, not the whole prompt
+        # (at 8 x 4096 that is 5 of 4096 keys), and from position 0 with a plain causal mask they are is_causal.
+        seen = past + n_dense
+        first = dict(scale=scaling, enable_gqa=plan.shape.groups > 1)
+        q, k, v = query[:, :, :n_dense], key[:, :, :seen], value[:, :, :seen]
+        if past == 0 and plain_causal(mask):
+            out[:, :, :n_dense] = F.scaled_dot_product_attention(q, k, v, is_causal=True, **first)
+        else:
+            rows = causal(past, n_dense, seen, query.device) if mask is None else mask[..., :n_dense, :seen]
+            out[:, :, :n_dense] = F.scaled_dot_product_attention(q, k, v, rows, **first)
     return out
 
 

@@ -81,13 +81,15 @@ def measure(path: BenchPath, model, ids: torch.Tensor, bcfg, device: torch.devic
     clock, alloc = Clock(device), Allocator(device)
     alloc.start()
     decoder = Decoder(path, model, ids, bcfg, device, alloc)
-    rounds = {"warmup": ([], [], []), "timed": ([], [], [])}  # TTFT, clustering, decode steps (ms)
+    # per round kind: TTFT, clustering, decode steps, end to end (the TTFT plus that round's steps), all ms
+    rounds = {"warmup": ([], [], [], []), "timed": ([], [], [], [])}
     for name, count in (("warmup", bcfg.warmup), ("timed", bcfg.repeats)):
         for _ in range(int(count)):
             token, ttft, cluster = decoder.prompt(clock)
+            steps = decoder.decode(token, clock)
             rounds[name][0].append(ttft), rounds[name][1].append(cluster)
-            rounds[name][2].extend(decoder.decode(token, clock))
-    (warm_ttft, _, warm_steps), (ttft, cluster, steps) = rounds["warmup"], rounds["timed"]
+            rounds[name][2].extend(steps), rounds[name][3].append(ttft + sum(steps))
+    (warm_ttft, _, warm_steps, _), (ttft, cluster, steps, e2e) = rounds["warmup"], rounds["timed"]
     held = decoder.held
     return {
         "step": decoder.kind, "cache": type(decoder.cache).__name__,
@@ -95,6 +97,7 @@ def measure(path: BenchPath, model, ids: torch.Tensor, bcfg, device: torch.devic
         "ttft_ms": percentiles(ttft),
         "clustering_ms": percentiles(cluster),
         "ttnt_ms": percentiles(steps),
+        "e2e_ms": percentiles(e2e),
         "warmup": {"setup_ms": decoder.setup_ms, "ttft_ms": percentiles(warm_ttft),
                    "ttnt_ms": percentiles(warm_steps)},
         "kv_measured": {"measured_cache": held["k"] + held["v"], "measured_k": held["k"], "measured_v": held["v"],

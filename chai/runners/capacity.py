@@ -30,7 +30,7 @@ from chai.records import append_jsonl, run_key
 from chai.roofline import copy_bandwidth, weight_bytes_per_step
 from chai.runners.bench import STEPS, plan, prompt_ids
 from chai.runners.capacity_cells import cell_config, cell_line, cell_record, cell_summary, finished_cells
-from chai.runners.capacity_measure import (BudgetJudge, CellFailed, DeviceJudge, measure_safely_rounds,
+from chai.runners.capacity_measure import (BudgetJudge, CellFailed, DeviceJudge, measure_released,
                                            memory_budget, readable, trial_runner)
 from chai.runners.capacity_search import (Logged, Trial, Workspace, fit_workspace, predict, resolved, search,
                                           tolerance)
@@ -192,7 +192,7 @@ def measure_largest(path, lo: int, hi: int | None, prompts, limit: int | None, s
     for _ in range(FINAL_TRIES):
         if lo < 1:  # nothing fits
             break
-        result = measure_safely_rounds(path, s.model, prompts(lo), s.final, s.model.device, s.default_attn)
+        result = measure_released(path, s.model, prompts(lo), s.final, s.model.device, s.default_attn)
         peak = (result.get("kv_measured") or {}).get("allocator_peak")
         over = limit is not None and peak is not None and peak > limit
         if result["error"] and not result["oom"]:

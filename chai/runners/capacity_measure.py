@@ -3,17 +3,16 @@ need with the budget: the same search calls either), and the measurement at the 
 
 A trial runs the bench's real cell through `bench_measure.measure_safely` (static cache allocated at seq_len +
 new_tokens, a prefill, new_tokens decode steps; an out-of-memory error is caught there and means too large). The
-final measurement also needs each round's end-to-end time (its TTFT plus the sum of its decode steps, device events
-of the same round), which `measure` does not keep, so it drives the bench's `Decoder` (cache, step capture, clock)
-itself, under the same guards as `measure_safely`.
+final measurement is the same cell with the bench's static step and its warm-up and repeats; its end-to-end time is
+`measure`'s `e2e_ms` (each round's TTFT plus the sum of its decode steps, device events of the same round).
 """
 
 import time
 
 import torch
 
-from chai.roofline import Allocator, Clock, cuda_devices, percentiles
-from chai.runners.bench_measure import Decoder, free_memory, measure_safely
+from chai.roofline import cuda_devices
+from chai.runners.bench_measure import free_memory, measure_safely
 from chai.runners.capacity_search import Trial
 
 
@@ -93,39 +92,15 @@ def trial_runner(path, model, prompts, bcfg, device, default_attn: str):
     memory back afterwards (the next trial may need every byte)."""
 
     def run(batch: int) -> dict:
-        result = measure_safely(path, model, prompts(batch), bcfg, device, default_attn)
-        release(device)
-        return result
+        return measure_released(path, model, prompts(batch), bcfg, device, default_attn)
 
     return run
 
 
-def measure_rounds(path, model, ids: torch.Tensor, bcfg, device: torch.device) -> dict:
-    """Setup (cache, first prefill, step capture), `bcfg.warmup` untimed and `bcfg.repeats` timed rounds, each a
-    prefill (TTFT) then `new_tokens` decode steps; a round's end-to-end time is its TTFT plus its steps."""
-    clock, alloc = Clock(device), Allocator(device)
-    alloc.start()
-    decoder = Decoder(path, model, ids, bcfg, device, alloc)
-    timed = []
-    for i in range(int(bcfg.warmup) + int(bcfg.repeats)):
-        token, ttft, clustering = decoder.prompt(clock)
-        steps = decoder.decode(token, clock)
-        if i >= int(bcfg.warmup):
-            timed.append((ttft, steps, clustering))
-    held = decoder.held
-    return {"step": decoder.kind, "cache": type(decoder.cache).__name__, "cache_tokens": decoder.max_len,
-            "setup_ms": decoder.setup_ms, "ttft_ms": percentiles([t for t, _, _ in timed]),
-            "clustering_ms": percentiles([c for _, _, c in timed]),  # inside the TTFT (CHAI's online clustering)
-            "ttnt_ms": percentiles([s for _, steps, _ in timed for s in steps]),
-            "e2e_ms": percentiles([t + sum(steps) for t, steps, _ in timed]),
-            "kv_measured": {"measured_cache": held["k"] + held["v"], "measured_k": held["k"], "measured_v": held["v"],
-                            "allocator_delta": decoder.allocated, "allocator_peak": alloc.peak()}}
-
-
-def measure_safely_rounds(path, model, ids, bcfg, device, default_attn: str) -> dict:
-    """`measure_rounds` under `bench_measure.measure_safely`'s guards (a failure, OOM included, becomes the
-    result), then everything it held released."""
-    result = measure_safely(path, model, ids, bcfg, device, default_attn, measure_fn=measure_rounds)
+def measure_released(path, model, ids: torch.Tensor, bcfg, device: torch.device, default_attn: str) -> dict:
+    """The bench cell at ids.shape[0] sequences (`bench_measure.measure` under `measure_safely`'s guards: a
+    failure, OOM included, becomes the result), then everything it held released: the next run may need every byte."""
+    result = measure_safely(path, model, ids, bcfg, device, default_attn)
     release(device)
     return result
 
