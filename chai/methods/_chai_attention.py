@@ -24,9 +24,11 @@ from chai.methods._chai_plan import ChaiPlan, ChaiSession
 
 
 def pick(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Per-request head gather: x [B, N, ...], index [B, M] -> [B, M, ...] (a gather: no host sync, capturable)."""
-    index = index.to(x.device).reshape(*index.shape, *(1,) * (x.dim() - 2))
-    return x.gather(1, index.expand(x.shape[0], index.shape[1], *x.shape[2:]))
+    """Per-request head gather: x [B, N, ...], index [B, M] -> [B, M, ...] (no host sync, capturable). Advanced
+    indexing copies whole [T, D] head slices; `gather` with an index expanded to x's shape did the index arithmetic
+    per element (twice as slow on a CPU for [2, 32, 2048, 128] fp16 queries)."""
+    rows = torch.arange(x.shape[0], device=x.device)[:, None]
+    return x[rows, index.to(x.device)]
 
 
 def causal(past: int, tq: int, tk: int, device) -> torch.Tensor:
