@@ -166,7 +166,7 @@ class _Totals:
 @torch.no_grad()
 def calibrate(model, tokenizer, settings: dict, configured_data_dir=None, model_name="model", hf_id=None) -> dict:
     """Run the offline phase; returns the artifact (a JSON-able dict, see the module doc)."""
-    from chai.sensitivity import layer_sensitivity
+    from chai.sensitivity import layer_sensitivity, padded_batches
 
     started = time.perf_counter()
     shape = AttnShape.of(model.config)
@@ -177,13 +177,7 @@ def calibrate(model, tokenizer, settings: dict, configured_data_dir=None, model_
     totals = _Totals(shape)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with capture.applied(model):
-        for start in range(0, len(docs), settings["batch_size"]):
-            batch = docs[start : start + settings["batch_size"]]
-            lengths = torch.tensor([len(d) for d in batch])
-            # Right padding, no attention mask: with a causal mask real tokens never see the padding.
-            ids = torch.full((len(batch), int(lengths.max())), pad, dtype=torch.long)
-            for row, doc in enumerate(batch):
-                ids[row, : len(doc)] = doc
+        for ids, lengths in padded_batches(docs, settings["batch_size"], pad):
             capture.seen.clear()
             model.base_model(ids.to(model.device), use_cache=False)  # no LM head: only attention is needed
             totals.add(capture.seen, lengths, settings["kmeans_restarts"])

@@ -14,7 +14,7 @@ import torch
 from chai.attention import AttnShape
 
 
-def _batches(docs: list[torch.Tensor], size: int, pad: int):
+def padded_batches(docs: list[torch.Tensor], size: int, pad: int):
     """(ids [B, T] right-padded, lengths [B]) per batch. Causal attention: real tokens never see the padding."""
     for start in range(0, len(docs), size):
         batch = docs[start : start + size]
@@ -46,7 +46,7 @@ def layer_sensitivity(model, docs: list[torch.Tensor], batch_size: int, pad: int
 
     started = time.perf_counter()
     shape = AttnShape.of(model.config)
-    batches = list(_batches(docs, batch_size, pad))
+    batches = list(padded_batches(docs, batch_size, pad))
     dense = mean_loss(model, batches, membership_tokens)
     table = [[0.0] * shape.heads for _ in range(shape.layers)]
     for layer in range(shape.layers):

@@ -288,15 +288,21 @@ class DejaVuStatic(Method):
         modules = attention_modules(model)
         for layer, saved in self._saved.items():
             module = modules[layer]
-            for name in ("q_proj", "k_proj", "v_proj", *OUT_PROJ_NAMES):
-                if name not in saved:
-                    continue
-                linear = getattr(module, name)
-                linear.weight, linear.bias, size = saved[name]
-                if name in OUT_PROJ_NAMES:
-                    linear.in_features = size
-                else:
-                    linear.out_features = size
+            restore_projections(module, saved)
             if saved["num_heads"] is not None:
                 module.num_heads = saved["num_heads"]
         self._saved = {}
+
+
+def restore_projections(module, saved: dict) -> None:
+    """Put back the q/k/v and output projections `saved` holds ({name: (weight, bias, size)}): the same tensors, and
+    the size of the side the method changed (out_features of q/k/v, in_features of the output projection)."""
+    for name in ("q_proj", "k_proj", "v_proj", *OUT_PROJ_NAMES):
+        if name not in saved:
+            continue
+        linear = getattr(module, name)
+        linear.weight, linear.bias, size = saved[name]
+        if name in OUT_PROJ_NAMES:
+            linear.in_features = size
+        else:
+            linear.out_features = size

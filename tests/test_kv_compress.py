@@ -1,0 +1,291 @@
+"""KV-head compression (chai/methods/kv_compress.py) on tiny random models: keeping every KV head is MHA; the RoPE
+key fold equals scoring with keys reconstructed here from the activations; rank-deficient heads compress exactly;
+K,V bytes are kept/total of MHA's (analytic, and measured from real caches); the converted model is a real GQA
+model (config, StaticCache, SDPA); exit restores every tensor; bad settings fail in one line."""
+
+import copy
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from chai.attention import AttnShape, kv_bytes
+from chai.bench import CACHE_ARG
+from chai.evaluate import measure_kv_bytes_per_token
+from chai.methods import RunContext, build_method
+from chai.methods._kv_compress_fit import input_grams
+from chai.methods.dejavu_static import attention_modules
+from tests.conftest import random_ids
+from tests.helpers import assert_one_line_error
+
+MERGES = ("meanpool", "svd_w", "svd_a")
+
+
+def method_on(model, calibration_ids=None, **settings):
+    """A kv_compress method fitted on `model`, svd_a on the input Grams of `calibration_ids` (random text)."""
+    method = build_method({"name": "kv_compress", **settings})
+    ids = calibration_ids if calibration_ids is not None else random_ids(4, 24, vocab=1000, seed=11)
+    grams, tokens = input_grams(model, [(ids, torch.full((ids.shape[0],), ids.shape[1]))])
+    method.fit(model, grams, tokens)
+    return method
+
+
+@torch.no_grad()
+def logits(model, ids, method=None):
+    if method is None:
+        return model(ids).logits
+    with method.applied(model):
+        return model(ids).logits
+
+
+def as_complex(w: torch.Tensor) -> torch.Tensor:
+    """[..., D, in] head rows -> [..., D/2, in] complex: pair i is rows i and i + D/2 (transformers' rotate_half)."""
+    half = w.shape[-2] // 2
+    return torch.complex(w[..., :half, :], w[..., half:, :])
+
+
+def from_complex(z: torch.Tensor) -> torch.Tensor:
+    return torch.cat([z.real, z.imag], dim=-2)
+
+
+@pytest.mark.parametrize("keys", ["rope_exact", "meanpool"])
+@pytest.mark.parametrize("merge", MERGES)
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_opt", "tiny_gqa"])
+def test_keeping_every_kv_head_is_mha(name, merge, keys, request):
+    model, _ = request.getfixturevalue(name)
+    kept = AttnShape.of(model.config).kv_heads
+    ids = random_ids(2, 16, vocab=1000)
+    method = method_on(model, merge=merge, keys=keys, kv_heads=kept)
+    torch.testing.assert_close(logits(model, ids, method), logits(model, ids), rtol=0, atol=2e-5)
+
+
+@torch.no_grad()
+def reconstructed_twin(model, ids, kept):
+    """The unconverted model whose K and V projections yield the keys and values the fold reconstructs, computed
+    here from the activations themselves (independently of the method): per adjacent group and frequency pair, the
+    top eigenvector c of E[z z^H] (z: the group's complex pair values), each head's pair -> c_s c^H z; values:
+    P P^T v with P the top head_dim eigenvectors of the group's E[v v^T]."""
+    shape, acts = AttnShape.of(model.config), {}
+    d, half, g = shape.head_dim, shape.head_dim // 2, shape.kv_heads // kept
+    modules = attention_modules(model)
+    hooks = [getattr(m, proj).register_forward_hook(
+        lambda _, __, out, key=(i, proj): acts.__setitem__(key, out.reshape(-1, out.shape[-1]).double()))
+        for i, m in modules.items() for proj in ("k_proj", "v_proj")]
+    model(ids)
+    for hook in hooks:
+        hook.remove()
+    twin = copy.deepcopy(model)
+    for i, module in attention_modules(twin).items():
+        for start in range(0, shape.kv_heads, g):
+            cols = slice(start * d, (start + g) * d)
+            k = acts[i, "k_proj"][:, cols].reshape(-1, g, d)
+            z = torch.complex(k[..., :half], k[..., half:])  # [N, g, half]
+            top = torch.linalg.eigh(torch.einsum("nsi,nti->ist", z, z.conj()))[1][..., -1]  # [half, g]
+            projector = top[:, :, None] * top.conj()[:, None, :]  # [half, g, g]
+            w = module.k_proj.weight.data[cols].double().reshape(g, d, -1)
+            folded = torch.einsum("ist,tip->sip", projector.to(torch.complex128), as_complex(w))
+            module.k_proj.weight.data[cols] = from_complex(folded).reshape(g * d, -1).float()
+            v = acts[i, "v_proj"][:, cols]
+            p = torch.linalg.eigh(v.T @ v)[1][:, -d:]
+            module.v_proj.weight.data[cols] = (p @ p.T @ module.v_proj.weight.data[cols].double()).float()
+    return twin
+
+
+@pytest.mark.parametrize("name,kept", [("tiny_llama", 1), ("tiny_llama", 2), ("tiny_llama", 4), ("tiny_gqa", 1)])
+def test_rope_fold_equals_scoring_with_reconstructed_keys(name, kept, request):
+    model, _ = request.getfixturevalue(name)
+    calibration, ids = random_ids(4, 24, vocab=1000, seed=11), random_ids(2, 20, vocab=1000, seed=5)
+    method = method_on(model, calibration, kv_heads=kept, merge="svd_a")
+    twin = reconstructed_twin(model, calibration, kept)
+    folded = logits(model, ids, method)
+    torch.testing.assert_close(folded, logits(twin, ids), rtol=0, atol=1e-4)
+    assert (folded - logits(model, ids)).abs().max() > 1e-2  # the truncation did change the model
+
+
+def make_rank_deficient(model, groups, rope: bool, seed=0):
+    """A copy of `model` in which, per layer, the K heads of each group are per-pair complex multiples (RoPE) or
+    linear maps (no RoPE) of one head, and the V heads linear maps of one: one head per group holds all."""
+    model = copy.deepcopy(model)
+    shape = AttnShape.of(model.config)
+    d, gen = shape.head_dim, torch.Generator().manual_seed(seed)
+    rows = lambda s: slice(s * d, (s + 1) * d)  # noqa: E731
+    for module in attention_modules(model).values():
+        k, v = module.k_proj.weight.data, module.v_proj.weight.data
+        for group in groups:
+            base = group[0]
+            for s in group[1:]:
+                if rope:
+                    scale = torch.randn(d // 2, 2, generator=gen)
+                    c = torch.complex(scale[:, 0], scale[:, 1])[:, None]
+                    k[rows(s)] = from_complex(c * as_complex(k[rows(base)]))
+                else:
+                    k[rows(s)] = torch.randn(d, d, generator=gen) @ k[rows(base)]
+                v[rows(s)] = torch.randn(d, d, generator=gen) @ v[rows(base)]
+                for linear in (module.k_proj, module.v_proj):
+                    if linear.bias is not None:
+                        linear.bias.data[rows(s)] = torch.randn(d, generator=gen) * 0  # in the span: no own bias
+    return model
+
+
+@pytest.mark.parametrize("merge", ["svd_w", "svd_a"])
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_opt"])
+def test_rank_deficient_heads_compress_exactly(name, merge, request):
+    base, _ = request.getfixturevalue(name)
+    model = make_rank_deficient(base, [(0, 1, 2, 3), (4, 5, 6, 7)], rope=name == "tiny_llama")
+    ids = random_ids(2, 16, vocab=1000, seed=2)
+    method = method_on(model, kv_heads=2, merge=merge)
+    torch.testing.assert_close(logits(model, ids, method), logits(model, ids), rtol=0, atol=5e-5)
+    assert max(method.describe()["k_residual"] + method.describe()["v_residual"]) < 1e-9
+    meanpool = method_on(model, kv_heads=2, merge="meanpool")
+    assert (logits(model, ids, meanpool) - logits(model, ids)).abs().max() > 1e-2  # the test can fail
+
+
+def test_similarity_grouping_finds_the_heads_that_share_a_subspace(tiny_llama):
+    groups = [(0, 5), (1, 4), (2, 7), (3, 6)]
+    model = make_rank_deficient(tiny_llama[0], groups, rope=True, seed=1)
+    ids = random_ids(2, 16, vocab=1000, seed=2)
+    method = method_on(model, kv_heads=4, grouping="similarity")
+    assert method.describe()["groups"] == {str(i): [list(g) for g in sorted(groups)] for i in range(3)}
+    torch.testing.assert_close(logits(model, ids, method), logits(model, ids), rtol=0, atol=5e-5)
+    adjacent = method_on(model, kv_heads=4)
+    assert (logits(model, ids, adjacent) - logits(model, ids)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kept", [1, 2, 4])
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_opt"])
+def test_kv_bytes_are_kept_over_total_of_mha(name, kept, request):
+    model, _ = request.getfixturevalue(name)
+    method = method_on(model, kv_heads=kept, merge="svd_w")
+    mha = build_method({"name": "mha"})
+    dense = mha.kv_bytes_per_token(model.config, 4)["k"]  # 3 layers x 8 heads x 8 dims x 4 bytes
+    assert dense == 768
+    assert method.kv_bytes_per_token(model.config, 4) == {"k": dense * kept // 8, "v": dense * kept // 8}
+    ids = random_ids(1, 16)
+    measured = measure_kv_bytes_per_token(model, method, ids)  # the method's own cache (make_cache)
+    assert measured["k"] == measured["v"] == dense * kept // 8
+    if name == "tiny_llama":  # a real GQA model: transformers' own DynamicCache holds only the kept heads
+        with torch.no_grad(), method.applied(model):
+            cache = DynamicCache(config=model.config)
+            model(ids, **{CACHE_ARG: cache}, use_cache=True)
+        assert kv_bytes(cache) == {"k": 16 * dense * kept // 8, "v": 16 * dense * kept // 8}
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_opt"])
+def test_decoding_with_the_cache_matches_one_forward(name, request):
+    model, _ = request.getfixturevalue(name)
+    ids = random_ids(1, 12, seed=3)
+    method = method_on(model, kv_heads=2)
+    cache = method.make_cache(model)
+    with torch.no_grad(), method.applied(model):
+        full = model(ids).logits
+        steps = [model(ids[:, t : t + 1], **{CACHE_ARG: cache}, use_cache=True).logits for t in range(ids.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,kept", [("tiny_llama", 2), ("tiny_gqa", 1)])
+def test_converted_model_is_a_real_gqa_model(name, kept, request):
+    model, _ = request.getfixturevalue(name)
+    shape = AttnShape.of(model.config)
+    method = method_on(model, kv_heads=kept)
+    ids = random_ids(1, 10, vocab=1000, seed=4)
+    with torch.no_grad(), method.applied(model):
+        assert model.config.num_key_value_heads == kept and model.config._attn_implementation == "sdpa"
+        for module in attention_modules(model).values():
+            assert module.k_proj.out_features == module.v_proj.out_features == kept * shape.head_dim
+            assert module.k_proj.weight.shape[0] == kept * shape.head_dim
+            assert module.num_key_value_groups == shape.heads // kept
+        full = model(ids).logits
+        cache = method.static_cache(model, 1, 16)
+        prefill = model(ids[:, :-1], **{CACHE_ARG: cache}, use_cache=True).logits
+        step = model(ids[:, -1:], **{CACHE_ARG: cache}, use_cache=True).logits
+        assert tuple(cache.layers[0].keys.shape) == (1, kept, 16, shape.head_dim)
+    torch.testing.assert_close(torch.cat([prefill, step], dim=1), full, rtol=0, atol=1e-5)
+    assert model.config.num_key_value_heads == shape.kv_heads
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_opt", "tiny_gqa"])
+def test_exit_restores_the_model_bit_for_bit(name, request):
+    model, _ = request.getfixturevalue(name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    features = [(m.k_proj.out_features, m.q_proj.out_features) for m in attention_modules(model).values()]
+    kv_config = getattr(model.config, "num_key_value_heads", None)
+    method = method_on(model, kv_heads=1, grouping="similarity")
+    with pytest.raises(RuntimeError), method.applied(model):
+        raise RuntimeError("inside")  # a failure inside the block still restores
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert features == [(m.k_proj.out_features, m.q_proj.out_features) for m in attention_modules(model).values()]
+    assert getattr(model.config, "num_key_value_heads", None) == kv_config
+
+
+def test_calibrates_on_c4_once_and_reads_the_artifact_back(tiny_llama, tmp_path):
+    from omegaconf import OmegaConf
+
+    from chai.paths import data_dir
+
+    if not (data_dir() / "c4" / "c4_validation_2k.jsonl").exists():
+        pytest.skip("no C4 calibration file in the data directory")
+    model, tokenizer = tiny_llama
+    cfg = OmegaConf.create({"calibration": {"n_docs": 3, "seq_len": 16, "batch_size": 2}})
+    context = RunContext(cfg, tokenizer, "tiny_llama", None, str(tmp_path))
+    first = build_method({"name": "kv_compress", "kv_heads": 2})
+    first.prepare(model, context)
+    assert (tmp_path / "calibration" / "tiny_llama.kv_grams.pt").exists()
+    assert first.describe()["calibration_tokens"] == 48
+    second = build_method({"name": "kv_compress", "kv_heads": 2})
+    second.prepare(model, context)  # read back, not recomputed: same fit up to the stored float32 Gram
+    ids = random_ids(1, 8, vocab=1000)
+    torch.testing.assert_close(logits(model, ids, first), logits(model, ids, second), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("settings,pattern", [
+    ({"merge": "svda"}, "unknown kv_compress merge 'svda'. Did you mean 'svd_a'"),
+    ({"grouping": "adjacnt"}, "Did you mean 'adjacent'"),
+    ({"keys": "rope"}, "unknown kv_compress keys"),
+    ({"kv_heads": 0}, "kv_heads must be null or an integer >= 1"),
+    ({"ratio": 1.5}, r"ratio must be a number in \(0, 1\]"),
+    ({"colour": 1}, "has no setting colour"),
+])
+def test_bad_settings_fail_in_one_line(settings, pattern):
+    assert_one_line_error(lambda: build_method({"name": "kv_compress", **settings}), pattern)
+
+
+def test_a_count_that_does_not_divide_the_kv_heads_fails_before_loading(tiny_llama):
+    model, _ = tiny_llama
+    method = build_method({"name": "kv_compress", "kv_heads": 3})
+    valid = r"must divide the model's 8 KV heads \(valid: 1, 2, 4, 8\)"
+    assert_one_line_error(lambda: method.check_shape(model.config), valid)
+    assert build_method({"name": "kv_compress"}).kept(model.config) == 4  # ratio 0.5
+    three = type("Config", (), {"num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576,
+                                "num_hidden_layers": 30})()
+    assert build_method({"name": "kv_compress"}).kept(three) == 1  # SmolLM2 as shipped: 1.5 -> 1 of {1, 3}
+
+
+def test_labels_state_the_heads_really_kept():
+    from chai.methods import display_of
+
+    settings = {"name": "kv_compress", "kv_heads": None, "ratio": 0.5, "grouping": "adjacent", "merge": "svd_a",
+                "keys": "rope_exact"}
+    assert display_of(settings)["label"] == "KV-compress svd_a 50% KV heads"
+    assert display_of(settings, {"kv_heads": 3, "kv_heads_before": 9})["label"] == "KV-compress svd_a 3/9 KV heads"
+
+
+def test_bench_runs_the_converted_model_on_its_dynamic_and_static_caches(tmp_path):
+    """mode=bench, no runner naming the method: both cache paths hold a quarter of MHA's K,V at 2 of 8 KV heads."""
+    from chai.cli import run_mode
+    from chai.records import read_jsonl
+    from tests.helpers import compose_cfg
+
+    cfg = compose_cfg([f"results_dir={tmp_path}", "logger.wandb.mode=disabled", "device=cpu", "model=tiny_llama",
+                       "mode=bench", "experiment_name=bench", "bench.batch_sizes=[1]", "bench.seq_lens=[12]",
+                       "bench.new_tokens=3", "bench.bandwidth_bytes=1048576", "bench.warmup=0",
+                       "bench.paths=[sdpa,method,method_static]", "method=kv_compress", "method.merge=meanpool",
+                       "method.kv_heads=2"])
+    run_mode(cfg, overrides=[])
+    records = read_jsonl(tmp_path / "bench" / "runs.jsonl")
+    cells = {c["bench"]["path"]: c for c in records if c.get("kind") == "bench_cell"}
+    assert not any(c["error"] for c in cells.values())
+    held = {path: c["bench"]["kv_bytes"] for path, c in cells.items()}
+    for path in ("method", "method_static"):
+        assert held[path]["measured_cache"] == held[path]["analytic"]
+    assert held["method"]["measured_cache"] * 4 == held["sdpa"]["measured_cache"]
