@@ -289,3 +289,123 @@ def test_bench_runs_the_converted_model_on_its_dynamic_and_static_caches(tmp_pat
     for path in ("method", "method_static"):
         assert held[path]["measured_cache"] == held[path]["analytic"]
     assert held["method"]["measured_cache"] * 4 == held["sdpa"]["measured_cache"]
+
+
+# Recovery (LoRA on the converted model). Text here: greedy continuations of a sharpened copy of tiny_llama (a
+# random model's loss on real text says nothing); the C4 path is checked separately, with the data directory.
+RECOVERY = {"kv_heads": 1, "recovery_steps": 8, "recovery_lr": 3e-3, "recovery_rank": 4, "recovery_batch": 16}
+
+
+@torch.no_grad()
+def greedy_text(model, n: int, length: int) -> torch.Tensor:
+    ids = random_ids(n, 1, vocab=1000, seed=7)  # [n, 1] first tokens
+    for _ in range(length - 1):
+        ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+def fingerprint(model) -> tuple:
+    """What a leftover adapter would change: module types, parameter names and flags, the model's own attributes."""
+    return ([type(m).__name__ for m in model.modules()],
+            [(n, p.requires_grad) for n, p in model.named_parameters()], sorted(vars(model)))
+
+
+@pytest.fixture(scope="module")
+def recovered(tiny_llama):
+    """(model, method, held-out batches, state before recovery): a sharpened tiny_llama, recovered on its own text."""
+    from chai.methods._kv_compress_recovery import split_batches
+
+    model = copy.deepcopy(tiny_llama[0])
+    model.model.norm.weight.data *= 16  # peaked next-token distributions: text with structure to recover
+    text = greedy_text(model, 96, 16)
+    before = ({k: v.clone() for k, v in model.state_dict().items()}, fingerprint(model))
+    method = method_on(model, text[:8], **RECOVERY)
+    heldout, train = split_batches(list(text), 16, 16, pad=0)
+    method.train_recovery(model, heldout, train, seed=0)
+    return model, method, heldout, before
+
+
+def test_recovery_off_changes_nothing(tiny_llama):
+    model, _ = tiny_llama
+    ids = random_ids(2, 16, vocab=1000, seed=2)
+    plain = method_on(model, kv_heads=2)
+    off = method_on(model, kv_heads=2, recovery_rank=2, recovery_lr=1.0, recovery_batch=3)  # steps 0: all moot
+    assert torch.equal(logits(model, ids, off), logits(model, ids, plain))
+    assert "recovery" not in off.describe() and off.variant(off.settings()) == plain.variant(plain.settings())
+
+
+def test_recovery_lowers_the_held_out_loss_and_records_its_cost(recovered):
+    from chai.methods._kv_compress_recovery import heldout_loss
+    from chai.runners.record import method_facts
+
+    model, method, heldout, _ = recovered
+    facts = method_facts(method)
+    cost = facts["method_info"]["recovery"]
+    assert cost["steps"] == 8 and cost["tokens"] == 8 * 16 * 16 and 0 < cost["train_s"] <= cost["wall_s"]
+    assert cost["heldout_loss_after"] < cost["heldout_loss_before"] - 0.05
+    with torch.no_grad(), method.applied(model):  # the stored number is the model every later run applies
+        assert heldout_loss(model, heldout) == cost["heldout_loss_after"]
+    assert facts["display"]["label"].endswith("1/8 KV heads + LoRA 8 steps")
+
+
+def test_recovery_leaves_no_adapter_and_exit_restores_the_originals(recovered):
+    model, method, _, (state, marks) = recovered
+    assert fingerprint(model) == marks  # no wrapper, peft attribute or changed requires_grad after training
+    plain = method_on(model, kv_heads=1)
+    with torch.no_grad(), plain.applied(model):
+        converted = fingerprint(model)
+    with torch.no_grad(), method.applied(model):
+        assert fingerprint(model) == converted  # the same plain converted model, only its weights differ
+        for module in attention_modules(model).values():
+            assert not module._forward_hooks and not module.q_proj._forward_hooks
+    after = model.state_dict()
+    assert all(torch.equal(state[k], after[k]) for k in state)
+
+
+def test_recovered_weights_differ_only_in_the_attention_projections(recovered):
+    model, method, _, _ = recovered
+    plain = method_on(model, kv_heads=1)
+    with torch.no_grad(), plain.applied(model):
+        converted = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad(), method.applied(model):
+        changed = {k for k, v in model.state_dict().items() if not torch.equal(v, converted[k])}
+    assert changed and all(k.split(".")[-2] in ("q_proj", "k_proj", "v_proj", "o_proj") for k in changed)
+
+
+def test_recovery_refuses_shared_copies(tiny_opt):
+    model, _ = tiny_opt
+    method = method_on(model, kv_heads=2, recovery_steps=1)
+    batch = [(random_ids(1, 8, vocab=1000), torch.tensor([8]))]
+    assert_one_line_error(lambda: method.train_recovery(model, batch, iter(batch)), "no recovery where attention")
+
+
+def test_recovery_reads_c4_documents_the_grams_never_saw(tiny_llama, tmp_path):
+    from omegaconf import OmegaConf
+
+    from chai.calibration import documents, settings_of
+    from chai.methods._kv_compress_recovery import recovery_documents
+    from chai.paths import data_dir
+
+    if not (data_dir() / "c4" / "c4_validation_2k.jsonl").exists():
+        pytest.skip("no C4 file in the data directory")
+    model, tokenizer = tiny_llama
+    calibration = settings_of({"n_docs": 3, "seq_len": 16, "batch_size": 2, "sensitivity": {"n_docs": 2}})
+    docs, skipped = recovery_documents(tokenizer, calibration, calibration["corpus"], 12, 4)
+    assert skipped == 5 and torch.equal(docs[0], documents(tokenizer, calibration, count=6)[5][:12])
+    cfg = OmegaConf.create({"calibration": {"n_docs": 3, "seq_len": 16, "batch_size": 2}, "seed": 0})
+    method = build_method({"name": "kv_compress", "kv_heads": 2, "merge": "svd_w", "recovery_steps": 2,
+                           "recovery_batch": 2, "recovery_seq_len": 16, "recovery_heldout": 2})
+    method.prepare(model, RunContext(cfg, tokenizer, "tiny_llama", None, str(tmp_path)))
+    cost = method.describe()["recovery"]
+    assert cost["documents_skipped"] == 0 and cost["documents_seen"] == 4 and cost["corpus"].startswith("c4/")
+
+
+@pytest.mark.parametrize("settings,pattern", [
+    ({"recovery_steps": -1}, "recovery_steps must be an integer >= 0"),
+    ({"recovery_rank": 0}, "recovery_rank must be an integer >= 1"),
+    ({"recovery_batch": 2.5}, "recovery_batch must be an integer >= 1"),
+    ({"recovery_lr": 0}, "recovery_lr must be a number > 0"),
+    ({"recovery_corpus": "wikitext2/wiki.test.raw"}, "recovery_corpus must be a .jsonl file"),
+])
+def test_bad_recovery_settings_fail_in_one_line(settings, pattern):
+    assert_one_line_error(lambda: build_method({"name": "kv_compress", **settings}), pattern)

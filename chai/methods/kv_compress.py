@@ -25,10 +25,17 @@ Parameters
 - merge: meanpool (the GQA paper's initialisation: average the group's projections) | svd_w (principal directions
   of the stacked weights) | svd_a (of the activations on C4, the paper's).
 - keys: rope_exact (the fold above; on a model without RoPE the plain dense fold) | meanpool (ablation).
-Limits: no recovery fine-tune (the paper's LoRA step); RoPE must be full-width (partial_rotary_factor 1) and in
-rotate_half layout; every layer is compressed alike; OPT (shared copies) has no static-cache path.
+- recovery_steps: AdamW steps of the optional LoRA recovery (the paper's step; 0 = off, the fit alone), trained once in
+  `prepare` on text disjoint from the Grams' and merged into the converted q/k/v/o weights while applied
+  (chai/methods/_kv_compress_recovery.py); recovery_rank, recovery_alpha (scale alpha/rank), recovery_lr,
+  recovery_batch (documents per step), recovery_seq_len (tokens per document), recovery_heldout (documents for the
+  loss before / after), recovery_corpus (a JSONL under the data directory; never an eval task). The record's
+  `recovery` fact holds steps, tokens, seconds and the held-out losses.
+Limits: RoPE must be full-width (partial_rotary_factor 1) and in rotate_half layout; every layer is compressed
+alike; OPT (shared copies) has no static-cache path and no recovery (an adapter per copy would make them differ).
 """
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +46,7 @@ from chai.attention import AttnShape
 from chai.errors import did_you_mean, require
 from chai.methods import register
 from chai.methods import _kv_compress_fit as fitting
+from chai.methods import _kv_compress_recovery as recovery
 from chai.methods.base import Method, RunContext
 from chai.methods.dejavu_static import OUT_PROJ_NAMES, attention_modules, restore_projections
 
@@ -95,6 +103,14 @@ class KVCompress(Method):
     grouping: str = "adjacent"
     merge: str = "svd_a"  # named `merge`, not `variant`: Method.variant() is the display hook
     keys: str = "rope_exact"
+    recovery_steps: int = 0
+    recovery_rank: int = 8
+    recovery_alpha: float = 16.0
+    recovery_lr: float = 1e-4
+    recovery_batch: int = 8
+    recovery_seq_len: int = 256
+    recovery_heldout: int = 64
+    recovery_corpus: str = "c4/c4_train00000_head1000.jsonl"  # C4's train split: the Grams read validation
 
     def __post_init__(self):
         require(self.kv_heads is None or (isinstance(self.kv_heads, int) and not isinstance(self.kv_heads, bool)
@@ -105,10 +121,22 @@ class KVCompress(Method):
         _choice("grouping", self.grouping, GROUPINGS)
         _choice("merge", self.merge, MERGES)
         _choice("keys", self.keys, KEYS)
+        for setting in ("recovery_steps", "recovery_rank", "recovery_batch", "recovery_seq_len", "recovery_heldout"):
+            value, least = getattr(self, setting), 0 if setting == "recovery_steps" else 1
+            require(isinstance(value, int) and not isinstance(value, bool) and value >= least,
+                    f"kv_compress: {setting} must be an integer >= {least}, got {value!r}.")
+        for setting in ("recovery_alpha", "recovery_lr"):
+            value = getattr(self, setting)
+            require(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+                    f"kv_compress: {setting} must be a number > 0, got {value!r}.")
+        require(isinstance(self.recovery_corpus, str) and self.recovery_corpus.endswith(".jsonl"),
+                f"kv_compress: recovery_corpus must be a .jsonl file under the data directory, "
+                f"got {self.recovery_corpus!r}.")
         self._plans: dict[int, LayerPlan] | None = None  # set by `prepare`
         self._saved: dict = {}  # while applied: what `on_remove` puts back
         self._facts: dict = {}
         self._shared = False  # set by `fit`: True where attention takes no fewer KV heads (OPT)
+        self._lora: dict = {}  # set by `recover`: {(layer, projection): (scale * B, A)}, merged while applied
 
     def kept(self, config) -> int:
         """KV heads kept per layer on a model of `config`."""
@@ -128,11 +156,50 @@ class KVCompress(Method):
     def prepare(self, model, context: RunContext | None = None) -> None:
         self.check_shape(model.config)  # before calibrating: a bad setting fails without the calibration pass
         self.fit(model, *(fitting.load_or_calibrate_grams(model, context) if self.merge == "svd_a" else ({}, 0)))
+        if self.recovery_steps:
+            self.recover(model, context)
+
+    def recover(self, model, context: RunContext | None) -> None:
+        """The LoRA recovery on the recovery corpus (see the module docstring), once; its cost goes to the record."""
+        from chai.calibration import settings_of
+
+        require(context is not None and context.tokenizer is not None,
+                "kv_compress: recovery needs a tokenizer (prepare(model, RunContext(...))).")
+        calibration = settings_of(context.cfg.get("calibration") if context.cfg is not None else None)
+        count = self.recovery_heldout + self.recovery_steps * self.recovery_batch
+        docs, skipped = recovery.recovery_documents(context.tokenizer, calibration, self.recovery_corpus,
+                                                    self.recovery_seq_len, count, context.data_dir)
+        require(len(docs) > self.recovery_heldout, f"kv_compress: {self.recovery_corpus} has {len(docs)} usable "
+                f"documents after skipping {skipped}: fewer than recovery_heldout + 1.")
+        pad = context.tokenizer.pad_token_id if context.tokenizer.pad_token_id is not None else 0
+        heldout, train = recovery.split_batches(docs, self.recovery_heldout, self.recovery_batch, pad)
+        seed = int(context.cfg.get("seed", 0)) if context.cfg is not None else 0
+        self.train_recovery(model, heldout, train, seed)
+        self._facts["recovery"].update(corpus=self.recovery_corpus, documents_skipped=skipped,
+                                       documents_seen=min(len(docs) - self.recovery_heldout,
+                                                          self.recovery_steps * self.recovery_batch))
+
+    def train_recovery(self, model, heldout: list, train, seed: int = 0) -> None:
+        """LoRA on the converted model over `train` (endless (ids, lengths) batches); losses on `heldout`."""
+        require(not self._shared, "kv_compress: no recovery where attention takes no fewer KV heads (OPT): "
+                "an adapter per shared copy would make the copies differ.")
+        self._lora, started = {}, time.perf_counter()
+        uncompressed = recovery.heldout_loss(model, heldout)
+        with self.applied(model):
+            before = recovery.heldout_loss(model, heldout)
+            self._lora, cost = recovery.train_lora(model, train, self.recovery_steps, self.recovery_rank,
+                                                   self.recovery_alpha, self.recovery_lr, seed)
+        with self.applied(model):  # the recovered model exactly as every later run applies it
+            after = recovery.heldout_loss(model, heldout)
+        self._facts["recovery"] = {**cost, "heldout_tokens": sum(int((n - 1).sum()) for _, n in heldout),
+                                   "heldout_loss_uncompressed": uncompressed, "heldout_loss_before": before,
+                                   "heldout_loss_after": after, "wall_s": round(time.perf_counter() - started, 3)}
 
     def fit(self, model, grams: dict, tokens: int = 0) -> None:
         """Plan every layer from input Grams {layer: [in+1, in+1]} (empty: from the weights alone)."""
         self.check_shape(model.config)
         shape = AttnShape.of(model.config)
+        self._lora = {}  # adapters trained on an earlier fit do not fit this one
         size = shape.kv_heads // self.kept(model.config)  # source KV heads per group
         rope = _has_rope(model)
         self._plans, residuals = {}, {"k": [], "v": []}
@@ -197,6 +264,7 @@ class KVCompress(Method):
         kept = len(next(iter(plans.values())).groups)
         for layer, module in attention_modules(model).items():
             self._saved[layer] = self._convert(module, plans[layer], shape)
+            self._merge_lora(layer, module)
             if not self._shared:
                 module.num_key_value_groups = shape.heads // kept  # what transformers' SDPA path repeats K,V by
         if not self._shared:
@@ -247,6 +315,13 @@ class KVCompress(Method):
         saved["num_key_value_groups"] = getattr(module, "num_key_value_groups", None)
         return saved
 
+    def _merge_lora(self, layer: int, module) -> None:
+        """Recovery's adapters into the converted weights: new Parameters, never the originals `_saved` holds."""
+        for (at, name), factor in self._lora.items():
+            if at == layer:
+                linear = getattr(module, name)
+                linear.weight = nn.Parameter(recovery.merged(linear.weight.detach(), factor), requires_grad=False)
+
     def on_remove(self, model) -> None:
         modules = attention_modules(model)
         for config, value in self._saved.pop("config", []):
@@ -286,7 +361,13 @@ class KVCompress(Method):
         kept = settings.get("kv_heads")
         share = f"{kept} KV heads" if kept else f"{100 * (settings.get('ratio') or 0):.0f}% KV heads"
         keys = ", keys mean-pooled" if settings.get("keys") == "meanpool" else ""
-        return f"{settings.get('merge', '')}{keys} {share}".strip()
+        return f"{settings.get('merge', '')}{keys} {share}{cls._recovered(settings)}".strip()
+
+    @staticmethod
+    def _recovered(settings: dict) -> str:
+        """The label's mark of a row after recovery, e.g. " + LoRA 200 steps"."""
+        steps = settings.get("recovery_steps") or 0
+        return f" + LoRA {steps} steps" if steps else ""
 
     @classmethod
     def display(cls, settings: dict, facts: dict | None = None) -> dict:
@@ -296,7 +377,7 @@ class KVCompress(Method):
         if "kv_heads" in facts and "kv_heads_before" in facts:
             keys = ", keys mean-pooled" if settings.get("keys") == "meanpool" else ""
             shown["label"] = (f"{shown['family']} {settings.get('merge', '')}{keys} "
-                              f"{facts['kv_heads']}/{facts['kv_heads_before']} KV heads")
+                              f"{facts['kv_heads']}/{facts['kv_heads_before']} KV heads{cls._recovered(settings)}")
         return shown
 
     def describe(self) -> dict:
