@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
-from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
+from transformers.cache_utils import DynamicLayer
 
 from chai import bench
-from chai.attention import AttnShape, kv_bytes, to_output
+from chai.attention import kv_bytes, to_output
 from chai.cli import run_mode
 from chai.errors import ChaiError
 from chai.kernels.clustered_decode import clustered_attention_reference
@@ -21,7 +21,7 @@ from chai.records import read_jsonl
 from chai.roofline import kv_cache_bytes
 from chai.runners import bench as bench_runner
 from chai.runners import bench_cells, bench_measure
-from tests.helpers import compose_cfg
+from tests.helpers import compose_cfg, kept_k_bytes, kept_k_static_cache
 
 LABELS = [0, 0, 1, 1, 2, 2, 2, 0]  # tiny_llama has 8 heads: 3 clusters
 REPS = [1, 2, 6]
@@ -32,18 +32,6 @@ STATS = {"median", "p10", "p90", "n"}
 
 class RepKLayer(DynamicLayer):
     """Stores K for the representative heads only, V for every head."""
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        return super().update(key_states[:, REPS], value_states, *args, **kwargs)
-
-
-class RepKStaticLayer(StaticLayer):
-    def lazy_initialization(self, key_states, value_states):
-        super().lazy_initialization(key_states, value_states)
-        batch, heads, _, dim = value_states.shape  # V keeps every head, unlike K
-        self.values = torch.zeros(batch, heads, self.max_cache_len, dim, dtype=value_states.dtype,
-                                  device=self.keys.device)
-        torch._dynamo.mark_static_address(self.values)
 
     def update(self, key_states, value_states, *args, **kwargs):
         return super().update(key_states[:, REPS], value_states, *args, **kwargs)
@@ -70,12 +58,10 @@ class StandInClustered(Method):
         return RepKLayer()
 
     def static_cache(self, model, batch_size, max_cache_len):
-        return Cache(layers=[RepKStaticLayer(max_cache_len) for _ in range(model.config.num_hidden_layers)])
+        return kept_k_static_cache(model, max_cache_len, REPS)
 
     def kv_bytes(self, config, batch, tokens, dtype_bytes):
-        shape = AttnShape.of(config)
-        per_head = batch * tokens * shape.layers * shape.head_dim * dtype_bytes
-        return {"k": len(REPS) * per_head, "v": shape.heads * per_head}
+        return kept_k_bytes(config, batch, tokens, dtype_bytes, len(REPS))
 
     def run_stats(self):
         return RunStats(clustering_s=self.clustering_s)

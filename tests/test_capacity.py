@@ -9,9 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf, open_dict
-from transformers.cache_utils import Cache, StaticLayer
 
-from chai.attention import AttnShape, to_output
+from chai.attention import to_output
 from chai.cli import run_mode
 from chai.errors import ChaiError
 from chai.methods import Method, build_method, register
@@ -21,25 +20,12 @@ from chai.report.capacity_table import capacity_frame, write_capacity_table
 from chai.report.figures_capacity import capacity_figures
 from chai.runners import bench_measure, capacity, capacity_measure
 from chai.runners.capacity_search import Trial, fit_workspace, search
-from tests.helpers import assert_one_line_error, compose_cfg
+from tests.helpers import assert_one_line_error, compose_cfg, kept_k_bytes, kept_k_static_cache
 
 KEPT = [0, 3, 6]  # heads whose K the stand-in stores
 SHARED = [0, 0, 0, 1, 1, 1, 2, 2]  # query head -> the stored K it scores with
 BUDGET, FIXED, PER_SEQ, RESERVE = 1_000_000, 20_000, 1_000, 10_000
 SEQ_LENS, NEW = (16, 32), 4
-
-
-class FewerKStaticLayer(StaticLayer):
-    """K for the KEPT heads only, V for every head."""
-
-    def lazy_initialization(self, key_states, value_states):
-        super().lazy_initialization(key_states, value_states)
-        batch, heads, _, dim = value_states.shape
-        self.values = torch.zeros(batch, heads, self.max_cache_len, dim, dtype=value_states.dtype,
-                                  device=self.keys.device)
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        return super().update(key_states[:, KEPT], value_states, *args, **kwargs)
 
 
 @register
@@ -55,12 +41,10 @@ class FewerK(Method):
                                                         scale=scaling)), None
 
     def static_cache(self, model, batch_size, max_cache_len):
-        return Cache(layers=[FewerKStaticLayer(max_cache_len) for _ in range(model.config.num_hidden_layers)])
+        return kept_k_static_cache(model, max_cache_len, KEPT)
 
     def kv_bytes(self, config, batch, tokens, dtype_bytes):
-        shape = AttnShape.of(config)
-        per_head = batch * tokens * shape.layers * shape.head_dim * dtype_bytes
-        return {"k": len(KEPT) * per_head, "v": shape.heads * per_head}
+        return kept_k_bytes(config, batch, tokens, dtype_bytes, len(KEPT))
 
 
 def capacity_cfg(results, *overrides, method=None):
