@@ -79,8 +79,10 @@ def _steps(data: dict, results: Path, metric: str) -> list:
 def _frames(records: list[dict], results: Path, failed: list) -> dict:
     """The tidy frames the steps read; one that cannot be built is reported and left empty (its steps skip)."""
     calibrations = load_calibrations(results)
-    # the frontier's records: its experiment's own, before `latest` (a cell also recorded elsewhere must not hide it)
-    ours = [r for r in records if r.get("experiment") == report_config()["frontier"]["experiment"]]
+    # the frontier's records: its experiment's own (and those run with its settings under another name, `also`),
+    # before `latest` (a cell also recorded elsewhere must not hide it)
+    spec = report_config()["frontier"]
+    ours = [r for r in records if r.get("experiment") in {spec["experiment"], *spec.get("also", [])}]
     makers = {"accuracy": lambda: latest(eval_frame(records, calibrations)),
               "frontier": lambda: figures_frontier.equivalent_baseline(latest(eval_frame(ours, calibrations))),
               "bench": lambda: latest(bench_frame(records)),
