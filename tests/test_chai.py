@@ -291,3 +291,24 @@ def test_smollm2_batch_membership_and_bytes(smollm2, piqa_rows):
     per_token = method.kv_bytes_per_token(model.config, 4)
     measured = measure_kv_bytes_per_token(model, method, prompts[0][None])
     assert measured["k"] <= per_token["k"] < AttnShape.of(model.config).dense_kv_bytes_per_token(4)["k"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "offset", "odd_width"])
+def test_pick_copies_each_requests_heads_in_every_layout(dtype, layout):
+    """pick (8-byte words where the layout allows) against a per-request loop over plain indexing, bit for bit:
+    the transposed layout is how queries arrive ([B, T, H, D] memory), `offset` a view that starts mid-row,
+    `odd_width` a head size the words do not divide (the element-wise fallback)."""
+    from chai.methods._chai_attention import as_words, pick
+    g = torch.Generator().manual_seed(0)
+    width = 7 if layout == "odd_width" else 16
+    base = torch.randn(3, 10, 6, width + 4, generator=g).to(dtype)  # [B, T, H, D + 4]
+    x = {"contiguous": base[..., :width].contiguous().transpose(1, 2).contiguous(),
+         "transposed": base[..., :width].transpose(1, 2),
+         "offset": base[..., 4:].transpose(1, 2),
+         "odd_width": base[..., :width].transpose(1, 2)}[layout]  # [B, H, T, D]
+    index = torch.tensor([[5, 0, 0, 2], [1, 1, 3, 4], [2, 5, 0, 1]])
+    expected = torch.stack([x[b][index[b]] for b in range(3)])
+    assert torch.equal(pick(x, index).view(torch.uint8), expected.contiguous().view(torch.uint8))
+    words = layout in ("contiguous", "transposed", "offset") and dtype != torch.float64
+    assert (as_words(x).dtype == torch.int64) == words

@@ -209,3 +209,14 @@ def test_llama7b_sized_decode_on_the_gpu():
 def test_kernel_in_a_fresh_interpreter():
     """The kernel tests of this file in a process where TRITON_INTERPRET=1 comes before triton's import."""
     fresh_interpreter_run(__file__)
+
+
+def test_each_gpu_gets_its_tuned_launch_settings_and_the_environment_overrides_them(monkeypatch):
+    """The H200 runs its own tuned settings, other GPUs (and the CPU) the H100's, CHAI_KERNEL_CONFIG beats both."""
+    monkeypatch.delenv("CHAI_KERNEL_CONFIG", raising=False)
+    assert kd.config_for("NVIDIA H200") == kd.KernelConfig(block_s=128, num_stages=1, target_programs=2048)
+    assert kd.config_for("NVIDIA H100 80GB HBM3") == kd.config_for(None) == kd.KernelConfig()
+    monkeypatch.setenv("CHAI_KERNEL_CONFIG", '{"block_s": 32, "num_warps": 2}')
+    assert kd.config_for("NVIDIA H200") == kd.KernelConfig(block_s=32, num_warps=2)
+    monkeypatch.delenv("CHAI_KERNEL_CONFIG")
+    assert kd.use_gpu_defaults(torch.device("cpu")) == kd.DEFAULT == kd.KernelConfig()

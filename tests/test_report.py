@@ -107,7 +107,9 @@ def bench_cell(method: str, path: str, batch: int, seq_len: int, oom=False) -> d
     stats = lambda ms: {"median": ms, "p10": 0.9 * ms, "p90": 1.1 * ms, "n": 8}  # noqa: E731
     kv = 2 * LAYERS * HEADS * 128 * 2 * batch * seq_len * (0.8 if method == "chai" else 1.0)
     return {
-        "run_id": f"b{second}", "time": f"2026-01-02T00:00:{second % 60:02d}+0000", "mode": "bench",
+        "run_id": f"b{second}", "mode": "bench",
+        # hours and minutes too: cells made later are newer, however many the tests made before
+        "time": f"2026-01-02T{second // 3600:02d}:{second // 60 % 60:02d}:{second % 60:02d}+0000",
         "kind": "bench_cell", "model": "llama7b", "method": method, "config": {"method": settings(method)},
         "display": display(settings(method)),
         "device": {"name": "H100"}, "oom": oom, "error": "OutOfMemoryError" if oom else None,

@@ -98,14 +98,28 @@ class KernelConfig:
         return self.block_s or max(16, min(128, 16384 // block_d))
 
 
-def _from_env() -> KernelConfig:
-    """KernelConfig() with the fields of the JSON object in CHAI_KERNEL_CONFIG, if set (how the tuning script hands
-    its best settings to a bench in the same session)."""
+# Best settings of scripts/gpu_kernel_tune.py per GPU name; any other GPU runs KernelConfig(), the H100's best. H200
+# (2026-12-02, results/bench/kernel_tune_h200.jsonl): fewer, longer splits; at batch 8 x 2048 with 4 clusters the
+# kernel read 1.5-1.6 TB/s against 0.7-0.8 TB/s with the H100 settings, the same (3.6 TB/s) at 16 x 4096.
+TUNED = {"NVIDIA H200": KernelConfig(block_s=128, num_warps=4, num_stages=1, target_programs=2048, min_tiles=4)}
+
+
+def config_for(gpu_name: str | None) -> KernelConfig:
+    """The launch settings for a GPU: the JSON object in CHAI_KERNEL_CONFIG if set (how the tuning script hands its
+    best settings to a bench in the same session), else the tuned ones for that GPU, else KernelConfig()."""
     text = os.environ.get("CHAI_KERNEL_CONFIG")
-    return KernelConfig(**json.loads(text)) if text else KernelConfig()
+    return KernelConfig(**json.loads(text)) if text else TUNED.get(gpu_name, KernelConfig())
 
 
-DEFAULT = _from_env()
+DEFAULT = config_for(None)
+
+
+def use_gpu_defaults(device: torch.device) -> KernelConfig:
+    """Set DEFAULT for `device`'s GPU. Called eagerly when a method is prepared, so that a compiled decode step only
+    reads the setting (asking the driver for the GPU's name inside a traced step would break the graph)."""
+    global DEFAULT
+    DEFAULT = config_for(torch.cuda.get_device_name(device) if device.type == "cuda" else None)
+    return DEFAULT
 
 
 def _pow2(n: int) -> int:
@@ -137,13 +151,13 @@ def split_plan(batch: int, heads: int, length: int, block: int, target_programs:
 
 
 def clustered_decode_attention(q, k_rep, v, labels, reps, scaling: float, kv_len=None, k_index=None, v_index=None,
-                               config: KernelConfig = DEFAULT):
+                               config: KernelConfig | None = None):
     """Decode attention with clustered heads. q [B, H, 1, D] (or [B, H, D]); k_rep [B, C, S, D]: K of each
     cluster's representative (or any kept-K layout, read through k_index [B, C]); v [B, H, S, D] (GQA: [B, Hv, S, D],
     read through v_index [B, H]); labels [B, H] int: cluster of each head; reps [B, C] int: the query head scoring
     each cluster; kv_len: valid cache length ([] or [B] tensor, or int; None = S); config: the kernels' launch
-    settings. Returns [B, H, 1, D] (or [B, H, D]) in v's dtype."""
-    squeeze = q.dim() == 3
+    settings (None: DEFAULT, the GPU's). Returns [B, H, 1, D] (or [B, H, D]) in v's dtype."""
+    squeeze, config = q.dim() == 3, config or DEFAULT
     q4 = q[:, :, None] if squeeze else q
     if not _use_triton(q4):
         out = clustered_attention_reference(q4, k_rep, v, labels, reps, scaling, kv_len=kv_len, k_index=k_index,

@@ -125,6 +125,7 @@ class Chai(Method):
 
             self._artifact = load_or_calibrate(model, context)
         self._session = ChaiSession(self.make_plan(model.config), self._log)
+        kd.use_gpu_defaults(getattr(model, "device", torch.device("cpu")))  # the decode kernels' settings, this GPU's
 
     def _needs_artifact(self) -> bool:
         return self._counts_from_artifact() or self.membership == "static"
