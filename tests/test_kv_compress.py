@@ -1,7 +1,8 @@
 """KV-head compression (chai/methods/kv_compress.py) on tiny random models: keeping every KV head is MHA; the RoPE
 key fold equals scoring with keys reconstructed here from the activations; rank-deficient heads compress exactly;
 K,V bytes are kept/total of MHA's (analytic, and measured from real caches); the converted model is a real GQA
-model (config, StaticCache, SDPA); exit restores every tensor; bad settings fail in one line."""
+model (config, StaticCache, SDPA); exit restores every tensor; bad settings fail in one line; the LoRA recovery
+lowers the held-out loss, and a second build with the same settings reads it from its cache, bit for bit."""
 
 import copy
 
@@ -409,3 +410,81 @@ def test_recovery_reads_c4_documents_the_grams_never_saw(tiny_llama, tmp_path):
 ])
 def test_bad_recovery_settings_fail_in_one_line(settings, pattern):
     assert_one_line_error(lambda: build_method({"name": "kv_compress", **settings}), pattern)
+
+
+# The recovery cache: a sweep's later jobs read the adapters the first trained. Text: a small corpus written here
+# (Grams and recovery read disjoint documents of it), so these run without the data directory.
+CACHED = {"kv_heads": 2, "recovery_steps": 2, "recovery_batch": 2, "recovery_seq_len": 16, "recovery_heldout": 2,
+          "recovery_corpus": "tiny.jsonl"}
+
+
+@pytest.fixture(scope="module")
+def recovery_dirs(tmp_path_factory):
+    """(data directory with tiny.jsonl, results directory): one per module, so the cache is shared by its tests."""
+    import json
+
+    data = tmp_path_factory.mktemp("data")
+    lines = [json.dumps({"text": " ".join(f"word{(7 * d + 3 * w) % 41}" for w in range(24))}) for d in range(16)]
+    (data / "tiny.jsonl").write_text("\n".join(lines) + "\n")
+    return str(data), str(tmp_path_factory.mktemp("results"))
+
+
+def prepared(model_and_tokenizer, dirs, seed=0, calibration=None, **settings):
+    """A kv_compress method prepared like a run's (svd_a Grams, recovery) on `dirs` = (data, results)."""
+    from omegaconf import OmegaConf
+
+    model, tokenizer = model_and_tokenizer
+    calibration = {"corpus": "tiny.jsonl", "n_docs": 3, "seq_len": 16, "batch_size": 2, "sensitivity": {"n_docs": 0},
+                   **(calibration or {})}
+    cfg = OmegaConf.create({"calibration": calibration, "seed": seed})
+    method = build_method({"name": "kv_compress", **CACHED, **settings})
+    method.prepare(model, RunContext(cfg, tokenizer, "tiny_llama", *dirs))
+    return method
+
+
+def refuse_training(*args, **kwargs):
+    raise AssertionError("trained again: the cached recovery was not read")
+
+
+@pytest.fixture(scope="module")
+def trained_once(tiny_llama, recovery_dirs):
+    """The first build: trains the recovery and caches it."""
+    method = prepared(tiny_llama, recovery_dirs)
+    assert method.describe()["recovery"]["from_cache"] is False
+    return method
+
+
+def test_a_second_build_reads_the_cached_recovery(tiny_llama, recovery_dirs, trained_once, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.setattr("chai.methods._kv_compress_recovery.train_lora", refuse_training)
+    second = prepared(tiny_llama, recovery_dirs)
+    trained, read = trained_once.describe()["recovery"], second.describe()["recovery"]
+    assert read == {**trained, "from_cache": True}  # steps, tokens, seconds and held-out losses of the training
+    assert trained["steps"] == 2 and trained["heldout_loss_after"] != trained["heldout_loss_before"]
+    ids = random_ids(2, 12, vocab=1000, seed=6)
+    model = tiny_llama[0]
+    assert torch.equal(logits(model, ids, second), logits(model, ids, trained_once))  # bit for bit
+    fold_alone = prepared(tiny_llama, recovery_dirs, recovery_steps=0)
+    assert not torch.equal(logits(model, ids, second), logits(model, ids, fold_alone))  # the adapters are in
+    assert not list((Path(recovery_dirs[1]) / "calibration").glob("*.partial"))  # renamed into place, none left
+
+
+@pytest.mark.parametrize("change", [{"recovery_rank": 2}, {"kv_heads": 4}, {"seed": 1}, {"calibration": {"n_docs": 4}}],
+                         ids=lambda change: next(iter(change)))
+def test_a_changed_setting_trains_again_and_keeps_the_first(tiny_llama, recovery_dirs, trained_once, monkeypatch,
+                                                             change):
+    from chai.methods import _kv_compress_recovery
+
+    calls, train_lora = [], _kv_compress_recovery.train_lora
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return train_lora(*args, **kwargs)
+
+    monkeypatch.setattr(_kv_compress_recovery, "train_lora", counted)
+    changed = prepared(tiny_llama, recovery_dirs, **change)
+    assert len(calls) == 1 and changed.describe()["recovery"]["from_cache"] is False
+    monkeypatch.setattr(_kv_compress_recovery, "train_lora", refuse_training)
+    again = prepared(tiny_llama, recovery_dirs)  # the first settings still find their own file
+    assert again.describe()["recovery"] == {**trained_once.describe()["recovery"], "from_cache": True}

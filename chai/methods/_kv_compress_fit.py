@@ -11,6 +11,8 @@ R [g, D, D] (head s ~= R[s] @ new head). svd_w is svd_a with S = identity (the w
 """
 
 import json
+import os
+from pathlib import Path
 
 import torch
 
@@ -84,11 +86,19 @@ def load_or_calibrate_grams(model, context) -> tuple[dict[int, torch.Tensor], in
     if context is None or context.tokenizer is None:
         raise ChaiError("kv_compress: svd_a needs a tokenizer to calibrate on C4 (prepare(model, RunContext(...))).")
     grams, tokens = input_grams(model, c4_batches(context.tokenizer, settings, context.data_dir))
-    path.parent.mkdir(parents=True, exist_ok=True)
     stacked = torch.stack([grams[i] for i in sorted(grams)]).float()  # float32 on disk: 30 x 577^2 is 40 MB
-    torch.save({"settings": wanted, "tokens": tokens, "grams": stacked}, path.with_suffix(".partial"))
-    path.with_suffix(".partial").rename(path)
-    return grams, tokens
+    save_atomically({"settings": wanted, "tokens": tokens, "grams": stacked}, path)
+    # the Grams as every later run reads them back, so this run's fit (and a recovery cached on it) is theirs
+    return {i: g.double() for i, g in enumerate(stacked)}, tokens
+
+
+def save_atomically(artifact: dict, path: Path) -> None:
+    """torch.save to a temporary file of this process, then rename: a parallel reader sees the whole file or none,
+    and two writers never write into one file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    torch.save(artifact, partial)
+    os.replace(partial, path)
 
 
 def head_gram(aug: torch.Tensor, gram: torch.Tensor | None) -> torch.Tensor:

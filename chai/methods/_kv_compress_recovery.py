@@ -10,14 +10,24 @@ Text: `corpus` under the data directory (default the C4 train head, a split the 
 calibration corpus, the documents the calibration and its sensitivity table read are skipped. The first
 `heldout` documents are the held-out slice (loss before / after, and the uncompressed model's); training reads the
 next steps x batch documents, cycling if the file has fewer.
+
+Cache: training is the slow part (~40 s per run for SmolLM2 on an H200) and a sweep over tasks rebuilds the method
+per job, so the factors and the training's facts are kept at results/calibration/<model>.<digest>.kv_recovery.pt,
+digest = hash of the key (everything the adapters depend on, kv_compress.KVCompress.recovery_key). A file is used
+only if its stored key equals the wanted one; it is written atomically, so parallel jobs never read half a file.
 """
 
+import hashlib
 import itertools
+import json
 import time
+from pathlib import Path
 
 import torch
 
+from chai.methods._kv_compress_fit import save_atomically
 from chai.methods.dejavu_static import attention_modules
+from chai.paths import results_dir
 from chai.sensitivity import padded_batches
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj")
@@ -117,3 +127,25 @@ def merged(weight: torch.Tensor, factor: tuple) -> torch.Tensor:
     """W + (scale B) A in float32, back in W's dtype and device: a new tensor, `weight` is not written."""
     b, a = (t.to(weight.device) for t in factor)
     return (weight.float() + b @ a).to(weight.dtype)
+
+
+def cache_path(results: str | None, model_name: str, key: dict) -> Path:
+    """Where the recovery of `key` is cached: one file per key, so different settings never share one."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return results_dir(results) / "calibration" / f"{model_name}.{digest}.kv_recovery.pt"
+
+
+def load_cached(path: Path, key: dict) -> tuple[dict, dict] | None:
+    """(factors, the training's facts) cached at `path` for `key`; None when there is none for it."""
+    if not path.exists():
+        return None
+    saved = torch.load(path, map_location="cpu")  # merged() moves each factor to its weight's device
+    if saved["key"] != key:  # a digest collision or an older layout: train, and overwrite it
+        return None
+    return {(layer, name): (b, a) for layer, name, b, a in saved["factors"]}, saved["facts"]
+
+
+def save_cached(path: Path, key: dict, factors: dict, facts: dict) -> None:
+    """The factors on the CPU (a run on another device reads them), as rows: plain types load with weights_only."""
+    rows = [(layer, name, b.cpu(), a.cpu()) for (layer, name), (b, a) in sorted(factors.items())]
+    save_atomically({"key": key, "factors": rows, "facts": facts}, path)

@@ -29,16 +29,20 @@ Parameters
   `prepare` on text disjoint from the Grams' and merged into the converted q/k/v/o weights while applied
   (chai/methods/_kv_compress_recovery.py); recovery_rank, recovery_alpha (scale alpha/rank), recovery_lr,
   recovery_batch (documents per step), recovery_seq_len (tokens per document), recovery_heldout (documents for the
-  loss before / after), recovery_corpus (a JSONL under the data directory; never an eval task). The record's
-  `recovery` fact holds steps, tokens, seconds and the held-out losses.
+  loss before / after), recovery_corpus (a JSONL under the data directory; never an eval task). The trained adapters
+  are cached beside the Grams (results/calibration/<model>.<digest>.kv_recovery.pt, keyed by `recovery_key`: the
+  model and its layout, every setting above, the seed, the calibration settings), so the jobs of a sweep over tasks
+  train once. The record's `recovery` fact holds the training's steps, tokens, seconds and held-out losses, and
+  `from_cache` (true: this run read the adapters, the numbers are those of the run that trained them).
 Limits: RoPE must be full-width (partial_rotary_factor 1) and in rotate_half layout; every layer is compressed
 alike; OPT (shared copies) has no static-cache path and no recovery (an adapter per copy would make them differ).
 """
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from transformers.cache_utils import DynamicLayer
 
@@ -160,12 +164,41 @@ class KVCompress(Method):
             self.recover(model, context)
 
     def recover(self, model, context: RunContext | None) -> None:
-        """The LoRA recovery on the recovery corpus (see the module docstring), once; its cost goes to the record."""
+        """The LoRA recovery on the recovery corpus (see the module docstring), read from its cache when this exact
+        recovery was trained before; the training's cost goes to the record either way."""
         from chai.calibration import settings_of
 
         require(context is not None and context.tokenizer is not None,
                 "kv_compress: recovery needs a tokenizer (prepare(model, RunContext(...))).")
         calibration = settings_of(context.cfg.get("calibration") if context.cfg is not None else None)
+        seed = int(context.cfg.get("seed", 0)) if context.cfg is not None else 0
+        key = self.recovery_key(model, context, calibration, seed)
+        path = recovery.cache_path(context.results_dir, context.model_name, key)
+        cached = recovery.load_cached(path, key)
+        if cached is not None:
+            self._lora, facts = cached
+            self._facts["recovery"] = {**facts, "from_cache": True}
+            return
+        self._train_on_corpus(model, context, calibration, seed)
+        recovery.save_cached(path, key, self._lora, self._facts["recovery"])
+
+    def recovery_key(self, model, context: RunContext, calibration: dict, seed: int) -> dict:
+        """Everything the trained adapters depend on: the model (its config entry, K,V layout and dtype), every
+        setting of this method (the fold's and the recovery's), the seed, and the calibration settings that pick
+        the Grams' documents and the recovery's (the length filter, and the documents skipped on a shared corpus)."""
+        model_cfg = context.cfg.get("model") if context.cfg is not None else None  # None: a model built by hand
+        if OmegaConf.is_config(model_cfg):
+            model_cfg = OmegaConf.to_container(model_cfg, resolve=True)
+        return {
+            "model": context.model_name, "model_cfg": model_cfg, "dtype": str(model.dtype),
+            "shape": asdict(AttnShape.of(model.config)), "method": self.settings(), "seed": seed,
+            "calibration": {**{k: calibration[k] for k in fitting.GRAM_KEYS},
+                            "feature_tokens": calibration["feature_tokens"],
+                            "sensitivity_docs": calibration["sensitivity"]["n_docs"]},
+        }
+
+    def _train_on_corpus(self, model, context: RunContext, calibration: dict, seed: int) -> None:
+        """Train the recovery on `recovery_corpus` (documents the Grams never read) and record what it read."""
         count = self.recovery_heldout + self.recovery_steps * self.recovery_batch
         docs, skipped = recovery.recovery_documents(context.tokenizer, calibration, self.recovery_corpus,
                                                     self.recovery_seq_len, count, context.data_dir)
@@ -173,11 +206,11 @@ class KVCompress(Method):
                 f"documents after skipping {skipped}: fewer than recovery_heldout + 1.")
         pad = context.tokenizer.pad_token_id if context.tokenizer.pad_token_id is not None else 0
         heldout, train = recovery.split_batches(docs, self.recovery_heldout, self.recovery_batch, pad)
-        seed = int(context.cfg.get("seed", 0)) if context.cfg is not None else 0
         self.train_recovery(model, heldout, train, seed)
         self._facts["recovery"].update(corpus=self.recovery_corpus, documents_skipped=skipped,
                                        documents_seen=min(len(docs) - self.recovery_heldout,
-                                                          self.recovery_steps * self.recovery_batch))
+                                                          self.recovery_steps * self.recovery_batch),
+                                       from_cache=False)
 
     def train_recovery(self, model, heldout: list, train, seed: int = 0) -> None:
         """LoRA on the converted model over `train` (endless (ids, lengths) batches); losses on `heldout`."""
