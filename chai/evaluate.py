@@ -135,9 +135,11 @@ def kv_record(model, method, tokenizer, cfg) -> dict:
     over the same prompt."""
     dtype_bytes = torch.finfo(model.dtype).bits // 8
     ids = probe_ids(tokenizer, cfg.eval.kv_probe_tokens, cfg.data_dir)
+    # measured first: a method whose kept tokens depend on the text (sepcache's separators) counts them, by its rule,
+    # from the ids it has seen; the count stays independent of the cache tensors the measurement reads
+    measured = measure_kv_bytes_per_token(model, method, ids)
     analytic = method.kv_bytes_per_token(model.config, dtype_bytes, tokens=ids.shape[1])
     analytic["total"] = analytic["k"] + analytic["v"]
-    measured = measure_kv_bytes_per_token(model, method, ids)
     return {"analytic": analytic, "measured": measured, "probe_tokens": int(cfg.eval.kv_probe_tokens)}
 
 
