@@ -1,5 +1,6 @@
 """Test helpers shared across test files (not fixtures)."""
 
+import torch
 from hydra import compose, initialize_config_dir
 
 from chai.paths import CONF_DIR
@@ -60,3 +61,39 @@ def kept_k_bytes(config, batch: int, tokens: int, dtype_bytes: int, kept_heads: 
     shape = AttnShape.of(config)
     per_head = batch * tokens * shape.layers * shape.head_dim * dtype_bytes
     return {"k": kept_heads * per_head, "v": shape.heads * per_head}
+
+
+def evicting_decode(model, method, ids, prompt: int):
+    """Logits of a prefill of `prompt` tokens into the method's (evicting) cache, then one token at a time
+    (teacher-forced), and the cache: what scoring with the method's mask must equal."""
+    cache = method.make_cache(model)
+    steps = [model(ids[:, :prompt], past_key_values=cache).logits]
+    steps += [model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(prompt, ids.shape[1])]
+    return torch.cat(steps, dim=1), cache
+
+
+def assert_right_padding_is_ignored(model, method, ids, real: int) -> None:
+    """Row 1 right-padded after `real` tokens (lm-eval's layout) scores as the same row alone, and nothing is NaN."""
+    padded, mask = ids.clone(), torch.ones_like(ids)
+    padded[1, real:], mask[1, real:] = 0, 0
+    with torch.no_grad(), method.applied(model):
+        batch = model(padded, attention_mask=mask).logits
+        alone = model(ids[1:, :real]).logits
+    assert torch.allclose(batch[1:, :real], alone, atol=1e-5) and not batch.isnan().any()
+
+
+def assert_cache_holds_the_kept_tokens(model, method, ids, kept: list[int]) -> None:
+    """After a prefill of `ids` [2, T] into the method's evicting cache: each request holds `kept` tokens (counted
+    by hand), the bytes in the cache tensors equal the method's analytic count (padded: 2 x the longest request's),
+    and the run statistics say the same."""
+    from chai.attention import AttnShape, kv_bytes
+
+    length = ids.shape[1]
+    cache = method.make_cache(model)
+    with torch.no_grad(), method.applied(model):
+        model(ids, past_key_values=cache)
+    assert (cache.layers[0].positions >= 0).sum(1).tolist() == kept
+    assert kv_bytes(cache) == method.kv_bytes(model.config, 2, length, 4)
+    assert kv_bytes(cache)["k"] == 2 * max(kept) * AttnShape.of(model.config).dense_kv_bytes_per_token(4)["k"]
+    stats = method.run_stats().extra["kept_tokens"]
+    assert (stats["min"], stats["max"], stats["kept_fraction"]) == (min(kept), max(kept), sum(kept) / (2 * length))

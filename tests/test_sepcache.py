@@ -6,12 +6,12 @@ count of kept tokens."""
 import pytest
 import torch
 
-from chai.attention import AttnShape, kv_bytes
 from chai.methods import build_method
 from chai.methods.base import RunContext
 from chai.methods.sepcache import SepCache, StreamingLLM, separator_ids
 from tests.conftest import random_ids
-from tests.helpers import assert_one_line_error, compose_cfg
+from tests.helpers import (assert_cache_holds_the_kept_tokens, assert_one_line_error,
+                           assert_right_padding_is_ignored, compose_cfg, evicting_decode)
 
 SEPARATORS = (11, 13)  # ids that stand for separators in these tests
 
@@ -26,16 +26,8 @@ def ids_with_separators(length: int) -> torch.Tensor:
 
 def method(sinks: int, window: int, separated: bool) -> SepCache:
     m = SepCache(sinks=sinks, window=window, separators=(".",)) if separated else StreamingLLM(sinks, window)
-    m.use_separator_ids(SEPARATORS if separated else [])
+    m.use_token_ids(SEPARATORS if separated else [])
     return m
-
-
-def decode(model, m, ids, prompt: int):
-    """Logits of an evicting prefill of `prompt` tokens, then one token at a time (teacher-forced), and the cache."""
-    cache = m.make_cache(model)
-    steps = [model(ids[:, :prompt], past_key_values=cache).logits]
-    steps += [model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(prompt, ids.shape[1])]
-    return torch.cat(steps, dim=1), cache
 
 
 @pytest.mark.parametrize("separated", [True, False], ids=["sepllm", "streamingllm"])
@@ -44,7 +36,7 @@ def test_scoring_with_the_mask_equals_decoding_with_the_evicting_cache(tiny_llam
     ids, m = ids_with_separators(16), method(sinks=2, window=4, separated=separated)
     with torch.no_grad(), m.applied(model):
         scored = model(ids, use_cache=False).logits.log_softmax(-1)  # one forward: the mask hides the evicted
-        decoded, cache = decode(model, m, ids, prompt=6)
+        decoded, cache = evicting_decode(model, m, ids, prompt=6)
     assert torch.allclose(scored, decoded.log_softmax(-1), atol=1e-5)
     kept = cache.layers[0].positions.tolist()
     if separated:  # sinks 0, 1; each row's separators; the 3 latest (the next token completes the window of 4)
@@ -58,12 +50,7 @@ def test_scoring_with_the_mask_equals_decoding_with_the_evicting_cache(tiny_llam
 def test_scoring_respects_right_padding(tiny_llama):
     model, _ = tiny_llama
     ids, m = ids_with_separators(12), method(sinks=1, window=3, separated=True)
-    padded, mask = ids.clone(), torch.ones_like(ids)
-    padded[1, 8:], mask[1, 8:] = 0, 0  # lm-eval's right padding
-    with torch.no_grad(), m.applied(model):
-        batch = model(padded, attention_mask=mask).logits
-        alone = model(ids[1:, :8]).logits
-    assert torch.allclose(batch[1:, :8], alone, atol=1e-5) and not batch.isnan().any()
+    assert_right_padding_is_ignored(model, m, ids, real=8)
 
 
 def test_a_window_over_the_whole_sequence_is_mha(tiny_llama):
@@ -73,7 +60,7 @@ def test_a_window_over_the_whole_sequence_is_mha(tiny_llama):
         dense = model(ids).logits
         with m.applied(model):
             scored = model(ids).logits
-            decoded, cache = decode(model, m, ids, prompt=4)
+            decoded, cache = evicting_decode(model, m, ids, prompt=4)
     assert torch.equal(scored, dense) and torch.allclose(decoded, dense, atol=1e-5)
     assert cache.layers[0].positions.tolist() == [list(range(1, 10))] * 2  # nothing the next token sees is gone
 
@@ -101,16 +88,7 @@ def expected_kept(ids: torch.Tensor, sinks: int, window: int) -> list[int]:
 def test_bytes_held_equal_the_analytic_count_of_kept_tokens(tiny_llama, length):
     model, _ = tiny_llama
     ids, m = ids_with_separators(length), method(sinks=2, window=4, separated=True)
-    cache = m.make_cache(model)
-    with torch.no_grad(), m.applied(model):
-        model(ids, past_key_values=cache)
-    kept = expected_kept(ids, 2, 4)
-    assert (cache.layers[0].positions >= 0).sum(1).tolist() == kept
-    assert kv_bytes(cache) == m.kv_bytes(model.config, 2, length, 4)  # padded: 2 x the longest request's
-    per_token = AttnShape.of(model.config).dense_kv_bytes_per_token(4)["k"]
-    assert kv_bytes(cache)["k"] == 2 * max(kept) * per_token
-    stats = m.run_stats().extra["kept_tokens"]
-    assert (stats["min"], stats["max"], stats["kept_fraction"]) == (min(kept), max(kept), sum(kept) / (2 * length))
+    assert_cache_holds_the_kept_tokens(model, m, ids, expected_kept(ids, 2, 4))
 
 
 def test_scoring_reports_what_the_cache_would_keep(tiny_llama):

@@ -1,4 +1,5 @@
-"""A dynamic cache layer that really deletes tokens, each request its own (used by `sepcache`).
+"""Keeping fewer tokens: a dynamic cache layer that really deletes them, each request its own, and `TokenMethod`,
+what the methods that use it share (sepcache, anchor).
 
 Transformers updates the cache before the attention function runs: `update` returns this forward's keys (what
 was kept plus the new tokens) and only then drops every token the keep rule says no later query can see. Requests
@@ -9,7 +10,11 @@ after the rotary embedding, so nothing is renumbered, and `get_seq_length` count
 """
 
 import torch
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer
+
+from chai.attention import AttnShape, dense
+from chai.errors import require
+from chai.methods.base import Method, RunStats
 
 
 class TokenEvictingLayer(DynamicLayer):
@@ -88,3 +93,145 @@ def _take(states: torch.Tensor, order: torch.Tensor, used: torch.Tensor) -> torc
     """states [B, H, N, D] -> [B, H, width, D]: the columns `order` [B, width] picks; empty slots zeroed."""
     index = order[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[3])
     return states.gather(2, index).masked_fill(~used[:, None, :, None], 0)
+
+
+class TokenMethod(Method):
+    """What the token-eviction methods share (sepcache, anchor): a rule over marked tokens (separators, anchors)
+    whose ids `prepare` finds, applied as a mask when scoring and by `TokenEvictingLayer` when decoding.
+
+    A subclass gives `visible(k_pos, k_marked, rows)` (which keys the queries in the last `rows` columns see),
+    `keep(positions, marked, seen)` (what a query at position `seen` or later may still see: the cache deletes the
+    rest) and `unknown_kept(tokens)` (tokens kept when the ids are not known), and sets `_ids` in `prepare`.
+
+    The ids reach the attention through a forward pre-hook on the model (registered in `on_apply`, removed in
+    `on_remove`), which marks each forward's tokens and follows the sequence across forwards with a cache."""
+
+    def _start(self) -> None:
+        """Called by a subclass's __post_init__: the state a run fills."""
+        self._ids = None  # [n] marked ids (prepare)
+        self._hook = None
+        self._cache = None  # the evicting cache of the current forward, None for any other
+        self._new_marks = None  # [B, Tn] marked tokens among this forward's
+        self._marks = None  # [B, T] marked tokens of the whole sequence so far
+        self._kept, self._seen = [], []  # per request: tokens kept, tokens seen (after a prefill, or a request)
+
+    def use_token_ids(self, ids) -> None:
+        """Set the marked ids directly (tests, or a tokenizer-free caller)."""
+        self._ids = torch.as_tensor(ids, dtype=torch.long)
+
+    def on_apply(self, model) -> None:
+        require(self._ids is not None, f"{self.name}: call prepare(model, context) with a tokenizer before applying "
+                                       f"it.")
+        self._hook = model.register_forward_pre_hook(self._capture, with_kwargs=True)
+
+    def on_remove(self, model) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+        self._hook = self._cache = self._new_marks = None
+
+    def _capture(self, module, args, kwargs):
+        """Forward pre-hook: mark this forward's tokens; follow the sequence across forwards with a cache."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:  # embeddings only: nothing can be marked, so only a rule without marks runs
+            require(not len(self._ids), f"{self.name}: needs input_ids to mark tokens, got inputs_embeds.")
+            ids = torch.zeros(kwargs["inputs_embeds"].shape[:2], dtype=torch.long,
+                              device=kwargs["inputs_embeds"].device)
+        marks = torch.isin(ids, self._ids.to(ids.device))
+        cache = _sequence_cache(args, kwargs)
+        past = cache.get_seq_length() if isinstance(cache, Cache) else 0
+        ours = isinstance(cache, Cache) and bool(cache.layers) and isinstance(cache.layers[0], TokenEvictingLayer)
+        self._cache, self._new_marks = (cache if ours else None), marks
+        if past == 0:
+            self._marks = marks
+        else:
+            require(self._marks is not None and self._marks.shape == (ids.shape[0], past),
+                    f"{self.name}: a forward continues a cache of {past} tokens this method did not see.")
+            self._marks = torch.cat([self._marks, marks], dim=1)
+
+    def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        # query: [B, H, Tq, D]; key, value: [B, Hkv, Tk, D] (the cache's kept tokens and this forward's)
+        batch, _, rows, _ = query.shape
+        columns = key.shape[2]
+        layer = self._cache.layers[module.layer_idx] if self._cache is not None else None
+        if layer is not None:  # the model's mask is not read: requests in one evicting cache are unpadded
+            require(layer.returned is key, f"{self.name}: the attention got keys that are not its cache layer's.")
+            allowed = self.visible(*layer.columns, rows)
+        else:  # one sequence in columns: scoring, or a cache that keeps everything
+            require(self._marks is not None and self._marks.shape[1] == columns,
+                    f"{self.name}: {columns} keys but marks known for "
+                    f"{None if self._marks is None else self._marks.shape[1]} tokens.")
+            k_pos = torch.arange(columns, device=key.device).expand(batch, columns)
+            allowed = self.visible(k_pos, self._marks.to(key.device), rows)
+            given = as_bool_mask(attention_mask)
+            itself = k_pos[:, None, None, :] == k_pos[:, None, -rows:, None]  # no row left empty: pad rows see self
+            allowed = (allowed if given is None else allowed & given) | itself
+            if module.layer_idx == 0:
+                self._count_scoring(given)
+        return dense(module, query, key, value, allowed, scaling, dropout, **kwargs)
+
+    def kept_tokens(self, marked: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """[B] tokens the evicting cache holds after each request's `lengths` [B] tokens (marked [B, T]): the keep
+        rule the cache applies, at each request's own length."""
+        ends = lengths.to(marked.device)[:, None]
+        pos = torch.arange(marked.shape[1], device=marked.device)[None].expand_as(marked)
+        real = pos < ends
+        return (self.keep(pos, marked & real, ends) & real).sum(dim=1)
+
+    def _count_scoring(self, given) -> None:
+        """What the evicting cache would hold after each request of a scoring forward (real tokens only)."""
+        marks = self._marks
+        if given is None:
+            lengths = torch.full((marks.shape[0],), marks.shape[1], device=marks.device)
+        else:  # a request's last row (or a pad row after it) sees all its real tokens
+            lengths = given[:, 0, -1, :].sum(dim=-1).expand(marks.shape[0])
+        self._record(self.kept_tokens(marks, lengths), lengths)
+
+    def _record(self, kept, seen) -> None:
+        self._kept += torch.as_tensor(kept).tolist()
+        self._seen += torch.as_tensor(seen).expand(len(kept)).tolist()
+
+    def _marks_of_new(self, batch: int, tokens: int, device) -> torch.Tensor:
+        marks = self._new_marks
+        require(marks is not None and marks.shape == (batch, tokens),
+                f"{self.name}: the evicting cache was used outside `with method.applied(model)`.")
+        return marks.to(device)
+
+    def cache_layer(self, layer_idx: int, config):
+        return TokenEvictingLayer(self.keep, self._marks_of_new, self._record if layer_idx == 0 else None)
+
+    def kv_bytes(self, config, batch: int, tokens: int, dtype_bytes: int) -> dict:
+        """batch x max(kept) tokens (the cache pads requests to the longest), kept counted by the rule from the ids
+        of the last sequence seen when it has this shape, else `unknown_kept(tokens)`."""
+        marks = self._marks
+        kept = self.unknown_kept(tokens)
+        if marks is not None and tuple(marks.shape) == (batch, tokens) and batch:
+            kept = int(self.kept_tokens(marks, torch.full((batch,), tokens, device=marks.device)).max())
+        per_token = AttnShape.of(config).dense_kv_bytes_per_token(dtype_bytes)
+        return {name: batch * kept * value for name, value in per_token.items()}
+
+    def kept_facts(self) -> dict | None:
+        """Tokens kept per request over the run: mean, min, median, max, and the kept share of the tokens seen."""
+        if not self._kept:
+            return None
+        kept = torch.tensor(self._kept, dtype=torch.float64)
+        return {"requests": len(self._kept), "mean": float(kept.mean()), "min": int(kept.min()),
+                "median": float(kept.median()), "max": int(kept.max()),
+                "kept_fraction": float(kept.sum()) / max(1, sum(self._seen))}
+
+    def run_stats(self) -> RunStats:
+        facts = self.kept_facts()
+        return RunStats(extra={"kept_tokens": facts} if facts else {})
+
+
+def as_bool_mask(mask) -> torch.Tensor | None:
+    """The model's mask as boolean [B or 1, 1, Tq, Tk] (True = attend), None when it gave none."""
+    if mask is None or mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
+def _sequence_cache(args, kwargs):
+    for name in ("cache", "past_key_values"):
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return args[3] if len(args) > 3 else None
