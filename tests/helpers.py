@@ -97,3 +97,15 @@ def assert_cache_holds_the_kept_tokens(model, method, ids, kept: list[int]) -> N
     assert kv_bytes(cache)["k"] == 2 * max(kept) * AttnShape.of(model.config).dense_kv_bytes_per_token(4)["k"]
     stats = method.run_stats().extra["kept_tokens"]
     assert (stats["min"], stats["max"], stats["kept_fraction"]) == (min(kept), max(kept), sum(kept) / (2 * length))
+
+
+def assert_model_restored_after_applied(model, method, ids) -> None:
+    """After `with method.applied(model)` the model computes exactly what it did before, and holds no hook of the
+    method's (the token methods register a forward pre-hook while applied)."""
+    hooks = dict(model._forward_pre_hooks)
+    with torch.no_grad():
+        before = model(ids).logits
+        with method.applied(model):
+            model(ids)
+        after = model(ids).logits
+    assert torch.equal(before, after) and dict(model._forward_pre_hooks) == hooks

@@ -12,8 +12,8 @@ from chai.methods.anchor import Anchor, visible
 from chai.methods.base import RunContext
 from chai.preflight import model_config
 from tests.conftest import random_ids
-from tests.helpers import (assert_cache_holds_the_kept_tokens, assert_one_line_error,
-                           assert_right_padding_is_ignored, compose_cfg, evicting_decode)
+from tests.helpers import (assert_cache_holds_the_kept_tokens, assert_model_restored_after_applied,
+                           assert_one_line_error, assert_right_padding_is_ignored, compose_cfg, evicting_decode)
 
 ANCHORS = (11, 13)  # ids that stand for anchors in these tests
 ROW_ANCHORS = ((2, 5, 9), (3, 4, 12))  # where each row's anchors are
@@ -90,13 +90,7 @@ def test_no_anchor_is_mha(tiny_llama):
 def test_the_model_computes_as_before_after_applied(tiny_llama):
     model, _ = tiny_llama
     ids, m = ids_with_anchors(12), method()
-    hooks = dict(model._forward_pre_hooks)
-    with torch.no_grad():
-        before = model(ids).logits
-        with m.applied(model):
-            model(ids)
-        after = model(ids).logits
-    assert torch.equal(before, after) and dict(model._forward_pre_hooks) == hooks
+    assert_model_restored_after_applied(model, m, ids)
 
 
 def expected_kept(ids: torch.Tensor) -> list[int]:

@@ -10,8 +10,8 @@ from chai.methods import build_method
 from chai.methods.base import RunContext
 from chai.methods.sepcache import SepCache, StreamingLLM, separator_ids
 from tests.conftest import random_ids
-from tests.helpers import (assert_cache_holds_the_kept_tokens, assert_one_line_error,
-                           assert_right_padding_is_ignored, compose_cfg, evicting_decode)
+from tests.helpers import (assert_cache_holds_the_kept_tokens, assert_model_restored_after_applied,
+                           assert_one_line_error, assert_right_padding_is_ignored, compose_cfg, evicting_decode)
 
 SEPARATORS = (11, 13)  # ids that stand for separators in these tests
 
@@ -68,13 +68,7 @@ def test_a_window_over_the_whole_sequence_is_mha(tiny_llama):
 def test_the_model_computes_as_before_after_applied(tiny_llama):
     model, _ = tiny_llama
     ids, m = ids_with_separators(12), method(sinks=1, window=3, separated=True)
-    hooks = dict(model._forward_pre_hooks)
-    with torch.no_grad():
-        before = model(ids).logits
-        with m.applied(model):
-            model(ids)
-        after = model(ids).logits
-    assert torch.equal(before, after) and dict(model._forward_pre_hooks) == hooks
+    assert_model_restored_after_applied(model, m, ids)
 
 
 def expected_kept(ids: torch.Tensor, sinks: int, window: int) -> list[int]:
