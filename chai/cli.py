@@ -87,13 +87,23 @@ def head(record: dict) -> str:
     return f"{record['method']} | {record['model']} | {record['task']}"
 
 
+SCALE_METRICS = ("perplexity", "bits_per_byte")  # shown as they are; every other float metric is a share, in %
+
+
+def metric_text(name: str, value: float, stderr=None) -> str:
+    """`acc 65.2 ± 1.1 %`, or `token_perplexity 23.41` for a metric that is not a share."""
+    if any(part in name for part in SCALE_METRICS):
+        return f"{name} {value:.4g}"
+    return f"{name} {pct(value, stderr)} %"
+
+
 def eval_lines(record: dict) -> list[str]:
     metrics = record.get("metrics", {})
-    shown = ", ".join(f"{k} {pct(v, metrics.get(f'{k}_stderr'))}" for k, v in metrics.items()
+    shown = ", ".join(metric_text(k, v, metrics.get(f"{k}_stderr")) for k, v in metrics.items()
                       if isinstance(v, float) and not k.endswith("_stderr"))
     kv = record.get("kv_bytes_per_token", {}).get("measured", {}).get("total")
     wall = record.get("timing", {}).get("wall_s")
-    return [f"{head(record)} | n={record.get('n_examples')}: {shown} (%) | "
+    return [f"{head(record)} | n={record.get('n_examples')}: {shown} | "
             f"K,V {kv:.0f} bytes/token | {wall:.1f} s -> {record['results_path']}"]
 
 
@@ -184,13 +194,33 @@ def own_settings(records: list[dict]) -> list[str]:
             for own in sets]
 
 
-def sweep_table(records: list[dict], metric: str = "acc") -> list[str]:
-    """One row per eval job: accuracy ± standard error (%), the difference from the MHA job with otherwise equal
-    settings (points), K,V bytes per token (measured; % of MHA) and the scoring wall time."""
+HEADLINE_METRICS = ("acc", "string_match_all", "token_perplexity")  # a task's main score, the first it has
+
+
+def headline_metric(records: list[dict]) -> str:
+    """The first of HEADLINE_METRICS that some finished record has (a multirun over several kinds of task shows
+    the first kind's; the others' rows then say n/a)."""
+    found = {m for r in records if not r.get("error") for m in r.get("metrics", {})}
+    return next((m for m in HEADLINE_METRICS if m in found), "acc")
+
+
+def score_text(metric: str, value, stderr=None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.4g}" if any(part in metric for part in SCALE_METRICS) else pct(value, stderr)
+
+
+def sweep_table(records: list[dict], metric: str | None = None) -> list[str]:
+    """One row per eval job: the headline score (accuracy ± standard error in %, or a perplexity), the difference
+    from the MHA job with otherwise equal settings (points, or perplexity), K,V bytes per token (measured; % of
+    MHA) and the scoring wall time."""
+    metric = metric or headline_metric(records)
+    share = not any(part in metric for part in SCALE_METRICS)
     mha = {record_key(r): r for r in records if r["method"] == baseline_name(r) and not r.get("error")}
     varying = [k for k in ("model", "task") if len({r[k] for r in records}) > 1]
     settings = own_settings(records)
-    rows = [("method", *varying, *(("settings",) if any(settings) else ()), f"{metric} (%)", "vs MHA (points)",
+    rows = [("method", *varying, *(("settings",) if any(settings) else ()), f"{metric} (%)" if share else metric,
+             "vs MHA (points)" if share else "vs MHA",
              "K,V bytes/token", "wall")]
     for rec, own in zip(records, settings):
         label = (rec["method"], *(rec[k] for k in varying), *((own,) if any(settings) else ()))
@@ -200,9 +230,12 @@ def sweep_table(records: list[dict], metric: str = "acc") -> list[str]:
         value, stderr = rec["metrics"].get(metric), rec["metrics"].get(f"{metric}_stderr")
         base = mha.get(reference_key(rec))
         kv = rec["kv_bytes_per_token"]["measured"]["total"]
-        delta = f"{100 * (value - base['metrics'][metric]):+.1f}" if base and rec is not base else ""
+        reference = base["metrics"].get(metric) if base and rec is not base else None
+        delta = "" if value is None or reference is None else (
+            f"{100 * (value - reference):+.1f}" if share else f"{value - reference:+.4g}")
         kv_share = f" ({100 * kv / base['kv_bytes_per_token']['measured']['total']:.1f}%)" if base else ""
-        rows.append((*label, pct(value, stderr), delta, f"{kv:.0f}{kv_share}", minutes(rec["timing"]["wall_s"])))
+        rows.append((*label, score_text(metric, value, stderr), delta, f"{kv:.0f}{kv_share}",
+                     minutes(rec["timing"]["wall_s"])))
     return columns(rows)
 
 

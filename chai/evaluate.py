@@ -16,9 +16,12 @@ from lm_eval.models.huggingface import HFLM
 from chai.attention import kv_bytes
 from chai.bench import CACHE_ARG
 from chai.paths import data_dir
+from chai.perplexity import token_perplexity
+from chai.tasks import require_window
 
 PROBE_FALLBACK = "The quick brown fox jumps over the lazy dog. " * 64
-SAMPLE_FIELDS = ("doc_id", "target", "arguments", "resps", "filtered_resps", "acc", "acc_norm")
+SAMPLE_FIELDS = ("doc_id", "target", "arguments", "resps", "filtered_resps", "acc", "acc_norm", "string_match_all",
+                 "word_perplexity", "byte_perplexity", "bits_per_byte")
 
 
 class CountingHFLM(HFLM):
@@ -28,7 +31,8 @@ class CountingHFLM(HFLM):
     It also tells the method where each row's prompt ends (`Method.set_prompt_lengths`): lm-eval scores a request
     in one forward over `(context + continuation)[-(max_length + 1):][:-1]`, right-padded with zeros; the context
     rows are the prompt and the continuation rows stand for generated tokens (a method that sparsifies decode steps
-    only must leave the prompt rows dense). Nothing here names a method."""
+    only must leave the prompt rows dense). Generation (`generate_until`) runs on the method's own cache, prompt
+    lengths unknown (chai.generate). Nothing here names a method."""
 
     tokens_seen = 0
     bar_over_requests = False
@@ -67,6 +71,17 @@ class CountingHFLM(HFLM):
             return super()._model_call(inps, *args, **kwargs)
         finally:
             self.method.set_prompt_lengths(None)
+
+    def _model_generate(self, context, max_length, stop, **generation_kwargs):
+        """lm-eval's `generate_until` step, on the method's own cache (chai.generate): HFLM's call as it is (greedy
+        unless the task samples, its stop sequences, the tokenizer's pad id, the left-padded batch's attention_mask),
+        plus a fresh cache of the method. Counts the prompt and generated tokens (padded batch shape)."""
+        from chai.generate import cache_for_generation
+
+        generation_kwargs.update(cache_for_generation(self.model, self.method))
+        out = super()._model_generate(context, max_length, stop, **generation_kwargs)
+        self.tokens_seen += out.numel()
+        return out
 
 
 def prompt_lookup(requests, max_length: int) -> dict[tuple, set]:
@@ -164,12 +179,16 @@ def write_samples(folder: Path, run_id: str, samples: list[dict]) -> Path:
     return path
 
 
-def evaluate(model, tokenizer, method, task_manager, task_name: str, cfg) -> dict:
-    """Score `task_name` with lm-eval under `method`; returns the measurement part of a record."""
+def evaluate(model, tokenizer, method, task_manager, task_name: str, cfg, window: int | None = None) -> dict:
+    """Score `task_name` with lm-eval under `method`; returns the measurement part of a record. `window`: tokens
+    each request needs in one model window (a generated task's length), checked against lm-eval's max_length
+    before scoring (lm-eval itself would cut the prompt from the left without a word)."""
     lm = CountingHFLM(
         pretrained=model, tokenizer=tokenizer, batch_size=cfg.eval.batch_size, max_length=cfg.eval.max_length,
         method=method,
     )
+    limit = "eval.max_length" if cfg.eval.max_length else "the model's own limit (lm-eval's max_length)"
+    require_window(task_name, window, lm.max_length, limit)
     started = time.perf_counter()
     with method.applied(model):
         results = simple_evaluate(
@@ -186,8 +205,12 @@ def evaluate(model, tokenizer, method, task_manager, task_name: str, cfg) -> dic
         )
     wall = time.perf_counter() - started
     samples = results["samples"][task_name]
+    metrics = metrics_of(results, task_name)
+    if (results.get("configs", {}).get(task_name) or {}).get("output_type") == "loglikelihood_rolling":
+        metrics.update(token_perplexity(samples, lm.tok_encode))
     return {
-        "metrics": metrics_of(results, task_name),
+        "metrics": metrics,
+        "max_length": lm.max_length,
         "n_examples": len(samples),
         "n_requests": sum(len(s["arguments"]) for s in samples),
         "timing": {"wall_s": wall, "tokens": lm.tokens_seen, "tokens_per_s": lm.tokens_seen / wall},

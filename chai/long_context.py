@@ -18,15 +18,26 @@ Metric (`score`): RULER's string_match_all: the share of target strings that occ
 case-insensitively (1.0 or 0.0 for one target, partial credit for several). A prediction that lists extra
 strings is not penalised, as in RULER.
 
-Output (`write_task`): one JSONL file per (task, length, n, seed, source), keys sorted, fixed separators, no
-timestamps: same inputs give byte-identical files. Its sha256 is returned and written beside it in
-`<file>.manifest.json`, so a record can carry the hash of the exact data it scored.
+Output (`write_task`): one JSONL file per (task, length, answer room, n, seed, source), keys sorted, fixed
+separators, no timestamps: same inputs give byte-identical files. Its sha256 is returned and written beside it in
+`<file>.manifest.json`, so a record can carry the hash of the exact data it scored. `cached_task` reuses a file
+whose manifest names the same inputs (and the same tokenizer, by the hash of its vocabulary) and whose bytes still
+hash to it.
+
+Answer room (`answer_tokens`, RULER's tokens_to_generate): the prompt is fitted to `length - answer_tokens`, so
+prompt plus answer fit in a window of `length` tokens and lm-eval never cuts the prompt from the left.
+
+As lm-eval tasks (`conf/task/niah_single.yaml` etc., written by `chai.tasks`): `generate_until` with greedy
+decoding, scored per document by `process_results` (= `score`). Further differences from RULER's protocol: no chat
+template, smaller answer budgets (`max_gen_toks` per task config), and niah/variable_tracking stop at the first
+newline (RULER generates to its budget); lm-eval 0.4's own `ruler` tasks download their haystack and needle data.
 """
 
 import hashlib
 import json
+import os
 import random
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 from chai.errors import did_you_mean, require
@@ -35,6 +46,7 @@ from chai.paths import data_dir as default_data_dir
 
 SOURCES = {"c4": "c4/c4_validation_2k.jsonl", "wikitext2": "wikitext2/wikitext-2-raw-v1_test.jsonl"}
 HAYSTACK_CHARS_PER_TOKEN = 12  # text gathered per target token: > 2x what fits, and enough words for common_words
+METRIC = "string_match_all"
 VERSION = 1  # bump when a template or the fitting changes, so old files and hashes are not mistaken for new
 
 
@@ -72,22 +84,38 @@ def token_counter(tokenizer):
     return lambda text: len(tokenizer(text)["input_ids"])
 
 
-def generate(task: str, length: int, n: int, seed: int, tokenizer, data_dir=None, source: str = "c4") -> list[dict]:
-    """n examples of `task` at `length` tokens. Example i draws everything from random.Random(f"{task}:{seed}:{i}"),
-    so it does not depend on n."""
+@lru_cache(maxsize=4)
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the tokenizer's vocabulary: files made with one tokenizer are never reused for another."""
+    return hashlib.sha256(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest()
+
+
+def check_inputs(task: str, length: int, n: int, answer_tokens: int = 0) -> None:
+    """One-line errors for a task name or counts that cannot make a file (no tokenizer needed)."""
     if task not in TASKS:
         raise did_you_mean("long-context task", task, TASKS)
-    require(isinstance(length, int) and length > 0, f"length must be a positive integer, got {length!r}.")
-    require(isinstance(n, int) and n > 0, f"n must be a positive integer, got {n!r}.")
+    for name, value in (("length", length), ("n", n)):
+        require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                f"{name} must be a positive integer, got {value!r}.")
+    require(isinstance(answer_tokens, int) and 0 <= answer_tokens < length,
+            f"the answer room ({answer_tokens!r} generated tokens) must be an integer in [0, length={length}).")
+
+
+def generate(task: str, length: int, n: int, seed: int, tokenizer, data_dir=None, source: str = "c4",
+             answer_tokens: int = 0) -> list[dict]:
+    """n examples of `task` whose prompts fit `length - answer_tokens` tokens. Example i draws everything from
+    random.Random(f"{task}:{seed}:{i}"), so it does not depend on n."""
+    check_inputs(task, length, n, answer_tokens)
     docs = documents(str(source_path(source, data_dir)))
     count = token_counter(tokenizer)
+    budget = length - answer_tokens
     examples = []
     for i in range(n):
         rng = random.Random(f"{task}:{seed}:{i}")
         text = haystack_text(docs, rng.randrange(len(docs)), HAYSTACK_CHARS_PER_TOKEN * length)
-        fields = TASKS[task](rng, text, length, count)
+        fields = TASKS[task](rng, text, budget, count)
         examples.append({"id": f"{task}-{length}-{seed}-{i}", "task": task, "length": length, "seed": seed,
-                         "index": i, "source": source, "metric": "string_match_all", **fields})
+                         "index": i, "source": source, "metric": METRIC, **fields})
     return examples
 
 
@@ -95,22 +123,67 @@ def dumps(example: dict) -> str:
     return json.dumps(example, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write via a temporary file and a rename: a concurrent run never reads half a file."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    temporary.write_bytes(data)
+    temporary.replace(path)
+
+
+def manifest_path(path: Path) -> Path:
+    return Path(f"{path}.manifest.json")
+
+
+def write_rows(path: Path, rows, fields: dict) -> dict:
+    """Write `rows` as JSONL at `path` and, beside it, the manifest: its sha256 and the `fields` that made it."""
+    data = "".join(dumps(row) + "\n" for row in rows).encode("utf-8")
+    manifest = {"file": path.name, "sha256": hashlib.sha256(data).hexdigest(), **fields}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, data)
+    write_atomic(manifest_path(path), (json.dumps(manifest, sort_keys=True, indent=1) + "\n").encode())
+    return manifest
+
+
+def reusable(path: Path, fields: dict) -> dict | None:
+    """The manifest of an existing file made from the same `fields` whose bytes still hash to it, else None."""
+    if not path.exists() or not manifest_path(path).exists():
+        return None
+    manifest = json.loads(manifest_path(path).read_text())
+    same = all(manifest.get(key) == value for key, value in fields.items())
+    return manifest if same and hashlib.sha256(path.read_bytes()).hexdigest() == manifest.get("sha256") else None
+
+
+def cached_rows(path: Path, fields: dict, make_rows) -> dict:
+    """The manifest of `path`: reused when `reusable`, else `make_rows()` written there."""
+    return reusable(path, fields) or write_rows(path, make_rows(), fields)
+
+
+def task_file(task: str, length: int, n: int, seed: int, tokenizer, out_dir, source: str,
+              answer_tokens: int) -> tuple[Path, dict]:
+    """(path, manifest fields) of the file these inputs make."""
+    name = f"{task}_{source}_L{length}_g{answer_tokens}_n{n}_s{seed}.jsonl"
+    fields = {"task": task, "length": length, "answer_tokens": answer_tokens, "n": n, "seed": seed,
+              "source": source, "version": VERSION, "tokenizer": Path(str(tokenizer.name_or_path)).name,
+              "tokenizer_sha256": tokenizer_fingerprint(tokenizer), "vocab_size": len(tokenizer)}
+    return Path(out_dir) / name, fields
+
+
 def write_task(task: str, length: int, n: int, seed: int, tokenizer, data_dir=None, out_dir=".",
-               source: str = "c4") -> tuple[Path, str]:
+               source: str = "c4", answer_tokens: int = 0) -> tuple[Path, str]:
     """Write `generate(...)` as JSONL under out_dir; return (path, sha256 of its bytes). The manifest beside it
     holds the hash and the inputs that made it."""
-    body = "".join(dumps(e) + "\n" for e in generate(task, length, n, seed, tokenizer, data_dir, source))
-    data = body.encode("utf-8")
-    digest = hashlib.sha256(data).hexdigest()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{task}_{source}_L{length}_n{n}_s{seed}.jsonl"
-    path.write_bytes(data)
-    manifest = {"file": path.name, "sha256": digest, "task": task, "length": length, "n": n, "seed": seed,
-                "source": source, "version": VERSION, "tokenizer": Path(str(tokenizer.name_or_path)).name,
-                "vocab_size": len(tokenizer)}
-    Path(f"{path}.manifest.json").write_text(json.dumps(manifest, sort_keys=True, indent=1) + "\n")
-    return path, digest
+    path, fields = task_file(task, length, n, seed, tokenizer, out_dir, source, answer_tokens)
+    rows = generate(task, length, n, seed, tokenizer, data_dir, source, answer_tokens)
+    return path, write_rows(path, rows, fields)["sha256"]
+
+
+def cached_task(task: str, length: int, n: int, seed: int, tokenizer, data_dir=None, out_dir=".",
+                source: str = "c4", answer_tokens: int = 0) -> tuple[Path, dict]:
+    """(path, manifest) of the task file, reused from out_dir when its manifest names the same inputs and its bytes
+    still hash to it, else generated (about a second per example at 8k tokens on a 2-core CPU)."""
+    path, fields = task_file(task, length, n, seed, tokenizer, out_dir, source, answer_tokens)
+    make = partial(generate, task, length, n, seed, tokenizer, data_dir, source, answer_tokens)
+    return path, cached_rows(path, fields, make)
 
 
 def score(prediction: str, example: dict) -> float:
@@ -119,3 +192,9 @@ def score(prediction: str, example: dict) -> float:
     targets = [targets] if isinstance(targets, str) else targets
     found = sum(t.lower() in prediction.lower() for t in targets)
     return found / len(targets)
+
+
+def process_results(doc: dict, results: list[str]) -> dict:
+    """lm-eval's per-document hook (`process_results: !function` in the task YAML chai.tasks writes): the one
+    greedy prediction scored by `score`."""
+    return {METRIC: score(results[0], doc)}

@@ -13,7 +13,7 @@ from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from chai.cli import SweepTable, job_records, summarize, sweep_table
+from chai.cli import SweepTable, eval_lines, job_records, summarize, sweep_table
 from chai.paths import CONF_DIR, ROOT, data_dir
 from chai.records import append_jsonl, run_key
 
@@ -54,6 +54,22 @@ def test_no_mha_row_means_no_delta():
     lines = sweep_table([eval_record("chai", 0.567, 0.0116, 38912)])
     assert lines[0].split()[:2] == ["method", "acc"]  # one task: no task column
     assert row(lines, "chai").split()[1:5] == ["56.7", "±", "1.2", "38912"]
+
+
+def test_generation_and_perplexity_tasks_show_their_own_score_not_a_share_of_perplexity():
+    needle = [{**eval_record(m, 0, 0, kv, task="niah_single"), "metrics": {"string_match_all": score}}
+              for m, score, kv in (("mha", 0.9, 46080), ("chai", 0.75, 38912))]
+    lines = sweep_table(needle)
+    assert lines[0].split()[:2] == ["method", "string_match_all"]
+    assert row(lines, "chai").split()[1:3] == ["75.0", "-15.0"]
+    ppl = [{**eval_record(m, 0, 0, 46080, task="c4_ppl"), "metrics": {"token_perplexity": v, "bits_per_byte": 0.9}}
+           for m, v in (("mha", 20.5), ("chai", 23.25))]
+    lines = sweep_table(ppl)
+    assert lines[0].split()[:3] == ["method", "token_perplexity", "vs"]
+    assert row(lines, "chai").split()[1:3] == ["23.25", "+2.75"]  # perplexity as it is, not x 100 "%"
+    line = eval_lines(ppl[1])[0]
+    assert "token_perplexity 23.25, bits_per_byte 0.9 |" in line  # as they are: no x 100, no %
+    assert "acc 56.7 ± 1.2 %" in eval_lines(eval_record("chai", 0.567, 0.0116, 38912))[0]
 
 
 def test_other_swept_settings_get_a_column_and_a_failure_does_not_widen_the_table():

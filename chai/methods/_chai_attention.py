@@ -11,6 +11,11 @@ Several query rows (a prefill): every head gets its representative's query and K
 causal, a masked kernel otherwise; no [B, H, Tq, Tk] tensor is ever built and nothing waits on the host. The rows
 before m, which the membership was found from, are then overwritten with MHA's (a second call over m rows only).
 One unpadded decode token on CUDA goes to the Triton kernel.
+
+Left padding (lm-eval's batched generation): a row's first m tokens are its first real ones. Their column in each
+row (`first_real`) is read from the mask of the forward that finds the membership; features, the rows run as MHA and
+everything after follow it, so a padded row computes what it would alone. The membership is found in the prefill
+then, which needs every prompt of the batch to have at least m tokens (else one line says so).
 """
 
 import torch
@@ -55,6 +60,25 @@ def causal(past: int, tq: int, tk: int, device) -> torch.Tensor:
     return (torch.arange(tk, device=device)[None] <= q)[None, None]
 
 
+def first_real(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """[B] each row's first real (unpadded) column, read from the last query row of a boolean mask [B or 1, 1, Tq,
+    Tk] (under left padding the last row is a real token and sees its row's first real key; a right-padded row's
+    last row sees key 0); None when every row starts at column 0 (no left padding). One host sync, only for a mask
+    that is not plain causal."""
+    if plain_causal(mask):
+        return None
+    starts = mask[:, 0, -1, :].int().argmax(dim=-1)  # argmax: the first True
+    return starts if bool(starts.any()) else None
+
+
+def take_rows(x: torch.Tensor, starts: torch.Tensor | None, m: int) -> torch.Tensor:
+    """x [B, N, T, D] -> [B, N, m, D]: per row the m columns from its `starts` [B] on (None: the first m)."""
+    if starts is None:
+        return x[:, :, :m]
+    columns = starts.to(x.device)[:, None] + torch.arange(m, device=x.device)  # [B, m]
+    return x.gather(2, columns[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
+
+
 def clustered_prefill(query, key, value, mask, scaling, labels, reps, key_slot, value_slot=None) -> torch.Tensor:
     """query [B, H, Tq, D] at positions Tk-Tq..Tk-1; key [B, Sk, Tk, D], cluster c scores with K entry key_slot
     [B, C]; value [B, Hv, Tk, D]: head h reads V head h // (H / Hv), or with `value_slot` [B, C] (share_values) its
@@ -91,12 +115,15 @@ def clustered(session: ChaiSession, query, key, value, mask, scaling, m: Members
     return clustered_prefill(query, key, value, mask, scaling, m.labels, m.reps, key_slot, value_slot)
 
 
-def first_clustered(session: ChaiSession, query, key, value, mask, scaling, m: Membership, past: int) -> torch.Tensor:
-    """The forward that found the membership (every K head still there): rows before m as MHA (first_tokens=dense,
-    online membership), the rest with the representatives' scores. query [B, H, Tq, D] -> [B, H, Tq, D]."""
+def first_clustered(session: ChaiSession, query, key, value, mask, scaling, m: Membership, past: int,
+                    starts: torch.Tensor | None = None) -> torch.Tensor:
+    """The forward that found the membership (every K head still there): each row's first m real tokens as MHA
+    (first_tokens=dense, online membership; `starts` [B]: first real columns, None for 0), the rest with the
+    representatives' scores. query [B, H, Tq, D] -> [B, H, Tq, D]."""
     plan, tq = session.plan, query.shape[2]
     online_dense = plan.membership == "online" and plan.first_tokens == "dense"
-    n_dense = min(max(plan.membership_tokens - past, 0), tq) if online_dense else 0
+    lead = 0 if starts is None else int(starts.max())  # the padded rows' MHA rows end this much later
+    n_dense = min(max(plan.membership_tokens + lead - past, 0), tq) if online_dense else 0
     # All rows clustered in one call (flash attention needs the rows to start at key 0), then the first n_dense
     # rows, a handful, replaced by MHA's.
     out = clustered(session, query, key, value, mask, scaling, m, compact=False)
@@ -107,18 +134,25 @@ def first_clustered(session: ChaiSession, query, key, value, mask, scaling, m: M
         first = dict(scale=scaling, enable_gqa=plan.shape.groups > 1)
         q, k, v = query[:, :, :n_dense], key[:, :, :seen], value[:, :, :seen]
         if past == 0 and plain_causal(mask):
-            out[:, :, :n_dense] = F.scaled_dot_product_attention(q, k, v, is_causal=True, **first)
+            mha = F.scaled_dot_product_attention(q, k, v, is_causal=True, **first)
         else:
             rows = causal(past, n_dense, seen, query.device) if mask is None else mask[..., :n_dense, :seen]
-            out[:, :, :n_dense] = F.scaled_dot_product_attention(q, k, v, rows, **first)
+            mha = F.scaled_dot_product_attention(q, k, v, rows, **first)
+        if starts is not None:  # a row's MHA rows are its first m real ones; its later rows stay clustered
+            columns = torch.arange(past, seen, device=query.device)
+            own = columns[None] < (starts.to(query.device) + plan.membership_tokens)[:, None]  # [B, n_dense]
+            mha = torch.where(own[:, None, :, None], mha, out[:, :, :n_dense])
+        out[:, :, :n_dense] = mha
     return out
 
 
-def cluster_first_tokens(plan: ChaiPlan, layer_idx: int, q_first, key, scaling, width=None) -> Membership:
+def cluster_first_tokens(plan: ChaiPlan, layer_idx: int, q_first, key, scaling, width=None,
+                         starts: torch.Tensor | None = None) -> Membership:
     """Cluster a layer's heads by their attention over the first m tokens. q_first [B, H, m, D]; key [B, Hkv, >=m, D]
-    with every KV head (before compaction); `width`: kept-K slots of a fixed-size cache (`Membership.build`)."""
+    with every KV head (before compaction), each row's first m real tokens from its `starts` [B] on (None: 0);
+    `width`: kept-K slots of a fixed-size cache (`Membership.build`)."""
     m = plan.membership_tokens
-    k_first = repeat_heads(key[:, :, :m], plan.shape.groups)  # [B, H, m, D]
+    k_first = repeat_heads(take_rows(key, starts, m), plan.shape.groups)  # [B, H, m, D]
     mask = causal(0, m, m, q_first.device) if plan.causal_features else None
     probs = attention_probs(q_first, k_first, mask, scaling)  # [B, H, m, m]
     features = causal_features(probs, m) if plan.causal_features else probs.flatten(2)  # [B, H, F]
@@ -129,24 +163,31 @@ def cluster_first_tokens(plan: ChaiPlan, layer_idx: int, q_first, key, scaling, 
 
 
 def membership_for(session: ChaiSession, layer_idx: int, query, key, scaling, past: int, layer,
-                   width: int | None = None) -> Membership | None:
+                   width: int | None = None, starts: torch.Tensor | None = None) -> Membership | None:
     """This forward's membership for a clustered layer: fixed (static/random), or clustered from the first m tokens
     (None while fewer than m exist). `layer`: the layer's `ChaiLayer` (collects query rows across forwards) or
-    None (the rows must all be in this forward); `width`: see `cluster_first_tokens`."""
+    None (the rows must all be in this forward); `width`: see `cluster_first_tokens`; `starts` [B]: each row's first
+    real column under left padding (None: 0), when the prefill must hold every row's first m tokens."""
     plan = session.plan
     if plan.fixed is not None:
         return plan.fixed_membership(layer_idx, query.shape[0])
     m = plan.membership_tokens
     if layer is None and past > 0:
         raise ChaiError("CHAI decoding needs its own cache: pass past_key_values=method.make_cache(model).")
-    if layer is not None:
+    if starts is not None:
+        shortest = key.shape[2] - int(starts.max())
+        if past > 0 or shortest < m:
+            raise ChaiError(f"CHAI clusters each request from its first membership_tokens={m} tokens: a left-padded "
+                            f"batch needs every prompt that long (the shortest has {shortest}); use batch size 1.")
+        q_first = take_rows(query, starts, m)
+    elif layer is not None:
         q_first = layer.first_queries(query, m)  # [B, H, m, D] once m tokens exist
     else:
         q_first = query[:, :, :m] if query.shape[2] >= m else None
     if q_first is None:
         return None
     started = session.log.start(query.device)
-    membership = cluster_first_tokens(plan, layer_idx, q_first, key, scaling, width)
+    membership = cluster_first_tokens(plan, layer_idx, q_first, key, scaling, width, starts)
     session.log.record(layer_idx, membership, started)
     return membership
 
@@ -160,10 +201,11 @@ def dynamic_attention(session: ChaiSession, layer, module, query, key, value, at
     mask = attention_mask if attention_mask is not None else causal(past, tq, tk, query.device)
     if layer is not None and layer.membership is not None:
         return to_output(clustered(session, query, key, value, mask, scaling, layer.membership, compact=True)), None
-    membership = membership_for(session, idx, query, key, scaling, past, layer)
+    starts = first_real(attention_mask) if session.plan.fixed is None else None  # left padding
+    membership = membership_for(session, idx, query, key, scaling, past, layer, starts=starts)
     if membership is None:  # fewer than m tokens so far: plain MHA, every K kept
         return dense(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
-    out = first_clustered(session, query, key, value, mask, scaling, membership, past)
+    out = first_clustered(session, query, key, value, mask, scaling, membership, past, starts)
     if layer is not None:
         layer.compact(membership)
     return to_output(out), None

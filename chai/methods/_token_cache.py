@@ -7,6 +7,11 @@ of one batch keep different tokens, so the layer stores them padded: per request
 then empty slots (zeros, position -1) up to the longest request. Positions stay the original ones: keys are cached
 after the rotary embedding, so nothing is renumbered, and `get_seq_length` counts the tokens seen, not kept
 (transformers derives the next positions from it).
+
+Left padding (lm-eval's batched generation): a token's position is its row's count of real tokens before it, from
+the 2-D attention mask the model is called with (as `generate` numbers them), and pad tokens get -1, an empty slot:
+they take no sink or window slot, are never seen and are dropped at the first eviction, so a padded row keeps and
+sees what it would alone.
 """
 
 import torch
@@ -23,13 +28,15 @@ class TokenEvictingLayer(DynamicLayer):
 
     keep(positions [B, N], marked [B, N], seen) -> [B, N] bool: what a query at position `seen` or later may see.
     new_marks(batch, tokens, device) -> [B, Tn] bool: the marks of this forward's tokens.
-    on_evict(kept [B], seen): told after every eviction (the method's statistics)."""
+    on_evict(kept [B], seen): told after every eviction (the method's statistics).
+    new_positions(batch, tokens, device) -> [B, Tn] positions of this forward's tokens (-1: padding), or None when
+    they are their columns (no padding)."""
 
     is_croppable = False  # evicted tokens cannot come back
 
-    def __init__(self, keep, new_marks, on_evict=None):
+    def __init__(self, keep, new_marks, on_evict=None, new_positions=None):
         super().__init__()
-        self.keep, self.new_marks, self.on_evict = keep, new_marks, on_evict
+        self.keep, self.new_marks, self.on_evict, self.new_positions = keep, new_marks, on_evict, new_positions
         self.seen = 0
         self.positions = self.marked = None
         self.columns = None  # (positions, marked) [B, Tk] of the keys `update` returned last: attention reads them
@@ -38,18 +45,28 @@ class TokenEvictingLayer(DynamicLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         batch, _, new, _ = key_states.shape
         device = key_states.device
-        fresh = torch.arange(self.seen, self.seen + new, device=device).expand(batch, new)
+        fresh, upcoming = self._fresh_positions(batch, new, device)
         marks = self.new_marks(batch, new, device)
         keys, values = super().update(key_states, value_states, *args, **kwargs)  # kept + new: this forward's keys
         positions = fresh if self.positions is None else torch.cat([self.positions, fresh], dim=1)
         marked = marks if self.marked is None else torch.cat([self.marked, marks], dim=1)
         self.columns, self.returned = (positions, marked), keys
         self.seen += new
-        self._evict(keys, values, positions, marked)
+        self._evict(keys, values, positions, marked, upcoming)
         return keys, values
 
-    def _evict(self, keys, values, positions, marked) -> None:
-        keep = (positions >= 0) & self.keep(positions, marked, self.seen)  # [B, N]
+    def _fresh_positions(self, batch: int, new: int, device):
+        """This forward's positions [B, Tn] and the next token's position: an int, or [B, 1] under padding."""
+        given = None if self.new_positions is None else self.new_positions(batch, new, device)
+        if given is None:
+            return torch.arange(self.seen, self.seen + new, device=device).expand(batch, new), self.seen + new
+        last = given.max(dim=1, keepdim=True).values
+        if self.positions is not None:  # a row whose new tokens are all padding: its kept tokens say where it is
+            last = torch.maximum(last, self.positions.max(dim=1, keepdim=True).values)
+        return given, last + 1
+
+    def _evict(self, keys, values, positions, marked, upcoming) -> None:
+        keep = (positions >= 0) & self.keep(positions, marked, upcoming)  # [B, N]
         counts = keep.sum(dim=1)
         width = int(counts.max()) if counts.numel() else 0  # one host sync per layer and forward
         order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :width]  # kept first, in order
@@ -59,7 +76,7 @@ class TokenEvictingLayer(DynamicLayer):
         self.keys = _take(keys, order, used)
         self.values = _take(values, order, used)
         if self.on_evict is not None:
-            self.on_evict(counts, self.seen)
+            self.on_evict(counts, upcoming)
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -112,6 +129,7 @@ class TokenMethod(Method):
         self._hook = None
         self._cache = None  # the evicting cache of the current forward, None for any other
         self._new_marks = None  # [B, Tn] marked tokens among this forward's
+        self._new_positions = None  # [B, Tn] their positions under padding (-1: a pad), None: their columns
         self._marks = None  # [B, T] marked tokens of the whole sequence so far
         self._kept, self._seen = [], []  # per request: tokens kept, tokens seen (after a prefill, or a request)
 
@@ -127,7 +145,7 @@ class TokenMethod(Method):
     def on_remove(self, model) -> None:
         if self._hook is not None:
             self._hook.remove()
-        self._hook = self._cache = self._new_marks = None
+        self._hook = self._cache = self._new_marks = self._new_positions = None
 
     def _capture(self, module, args, kwargs):
         """Forward pre-hook: mark this forward's tokens; follow the sequence across forwards with a cache."""
@@ -137,6 +155,9 @@ class TokenMethod(Method):
             ids = torch.zeros(kwargs["inputs_embeds"].shape[:2], dtype=torch.long,
                               device=kwargs["inputs_embeds"].device)
         marks = torch.isin(ids, self._ids.to(ids.device))
+        self._new_positions = padded_positions(kwargs.get("attention_mask"), ids.shape[1])
+        if self._new_positions is not None:
+            marks &= self._new_positions >= 0  # a pad is never a separator or an anchor
         cache = _sequence_cache(args, kwargs)
         past = cache.get_seq_length() if isinstance(cache, Cache) else 0
         ours = isinstance(cache, Cache) and bool(cache.layers) and isinstance(cache.layers[0], TokenEvictingLayer)
@@ -153,9 +174,11 @@ class TokenMethod(Method):
         batch, _, rows, _ = query.shape
         columns = key.shape[2]
         layer = self._cache.layers[module.layer_idx] if self._cache is not None else None
-        if layer is not None:  # the model's mask is not read: requests in one evicting cache are unpadded
+        if layer is not None:  # the model's mask is not read: padding is in the columns' positions (-1)
             require(layer.returned is key, f"{self.name}: the attention got keys that are not its cache layer's.")
-            allowed = self.visible(*layer.columns, rows)
+            itself = torch.arange(columns, device=key.device) == torch.arange(columns - rows, columns,
+                                                                               device=key.device)[:, None]
+            allowed = self.visible(*layer.columns, rows) | itself  # a pad row sees itself, not nothing
         else:  # one sequence in columns: scoring, or a cache that keeps everything
             require(self._marks is not None and self._marks.shape[1] == columns,
                     f"{self.name}: {columns} keys but marks known for "
@@ -188,7 +211,7 @@ class TokenMethod(Method):
 
     def _record(self, kept, seen) -> None:
         self._kept += torch.as_tensor(kept).tolist()
-        self._seen += torch.as_tensor(seen).expand(len(kept)).tolist()
+        self._seen += torch.as_tensor(seen).reshape(-1).expand(len(kept)).tolist()  # seen: one count, or one a row
 
     def _marks_of_new(self, batch: int, tokens: int, device) -> torch.Tensor:
         marks = self._new_marks
@@ -196,8 +219,13 @@ class TokenMethod(Method):
                 f"{self.name}: the evicting cache was used outside `with method.applied(model)`.")
         return marks.to(device)
 
+    def _positions_of_new(self, batch: int, tokens: int, device) -> torch.Tensor | None:
+        positions = self._new_positions
+        return None if positions is None else positions.to(device)
+
     def cache_layer(self, layer_idx: int, config):
-        return TokenEvictingLayer(self.keep, self._marks_of_new, self._record if layer_idx == 0 else None)
+        return TokenEvictingLayer(self.keep, self._marks_of_new, self._record if layer_idx == 0 else None,
+                                  self._positions_of_new)
 
     def kv_bytes(self, config, batch: int, tokens: int, dtype_bytes: int) -> dict:
         """batch x max(kept) tokens (the cache pads requests to the longest), kept counted by the rule from the ids
@@ -221,6 +249,15 @@ class TokenMethod(Method):
     def run_stats(self) -> RunStats:
         facts = self.kept_facts()
         return RunStats(extra={"kept_tokens": facts} if facts else {})
+
+
+def padded_positions(attention_mask, tokens: int) -> torch.Tensor | None:
+    """[B, tokens] positions of a forward's tokens from the model's 2-D padding mask [B, past + tokens] (1: real):
+    the real tokens before each in its row, -1 for a pad, as `generate` numbers them; None without a 2-D mask."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        return None
+    real = attention_mask[:, -tokens:].bool()
+    return torch.where(real, attention_mask.long().cumsum(dim=1)[:, -tokens:] - 1, -1)
 
 
 def as_bool_mask(mask) -> torch.Tensor | None:

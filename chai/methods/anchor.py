@@ -23,7 +23,7 @@ How it runs (as `sepcache`, chai/methods/sepcache.py)
 - Decoding (`make_cache`): `TokenEvictingLayer` (chai/methods/_token_cache.py) keeps, per request, the anchors and
   the tokens after its last anchor. Since every anchor stays, the sentence of each cached key is the count of
   anchors kept before it, so the cache path applies the whole rule (an anchor query must not see earlier anchors).
-  Requests in one evicting cache must be unpadded (the model's mask is not read on that path).
+  A left-padded batch (generation) works as each row alone: pads are empty slots, never anchors.
 
 Parameters
 - kind: the paper's variant, "ep" (implemented) or "ac" (refused, see above).

@@ -8,7 +8,8 @@ Per request (online membership): the first `membership_tokens` tokens run as pla
 attention probabilities (one [m, m] map per head, lower triangle flattened) are the heads' features; the heads of
 each clustered layer are clustered into that layer's count. Rows from m on use the representatives' scores. A
 prompt shorter than m stays dense until its cache has seen m tokens (the first m queries are kept meanwhile);
-without a cache such a forward is plain MHA. Variants: `chai_static` (grouping fixed offline), `chai_qkv` (members
+without a cache such a forward is plain MHA. A left-padded batch (generation) clusters each row from its first m
+real tokens, in the prefill (chai/generate.py). Variants: `chai_static` (grouping fixed offline), `chai_qkv` (members
 also share V, Table 4), `random_groups` (Fig. 1). docs/chai.md lists every point where the released code differs.
 
 Cluster counts: `num_clusters` (uniform, wins when set), else `layer_clusters`: a per-layer list, a preset from

@@ -14,12 +14,13 @@ How it runs
   chai/methods/_token_cache.py, what this method shares with `anchor`): it marks the separators of each forward.
 - Scoring (lm-eval: one forward per request, no cache reuse): the attention combines the model's mask (causal and
   lm-eval's right padding) with the SepLLM rule over token positions, so every row sees what decoding with the
-  evicting cache would let it see (a test checks this). Positions are columns of the sequence: pad tokens on the
-  left (generation of left-padded batches) would take the sink and window slots.
+  evicting cache would let it see (a test checks this). Positions are columns of the sequence (lm-eval pads
+  scoring requests on the right).
 - Decoding (`make_cache`): `TokenEvictingLayer` (chai/methods/_token_cache.py) deletes after every forward the K,V
   of tokens no later query can see (not a sink, not a separator, older than the window of the next position),
-  per request, and keeps each kept token's original position and separator mark for the attention. The model's
-  mask is not read on that path: requests in one evicting cache must be unpadded.
+  per request, and keeps each kept token's original position and separator mark for the attention. A left-padded
+  batch (lm-eval's generation) numbers positions from the model's 2-D attention mask and pads are empty slots, so
+  each row keeps and sees what it would alone (tests/test_generate.py).
 
 Parameters
 - sinks: leading tokens always kept (>= 0).
