@@ -12,8 +12,17 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out} RESULTS=${RESULTS:-$PWD/outputs/gpu_capacity} PY=${PYTHON:-python3}
+# Expandable segments unless the caller chose an allocator setting: without them the first H200 run ran out of
+# memory at 82 sequences though 81 peaked ~20 GB below the budget, most likely segments split between prefill tensors
+# of different sizes, so fragmentation, not the K,V cache, decided the batch. Each cell records the setting
+# (capacity.allocator_env) and is keyed by it.
+if [[ -z "${PYTORCH_ALLOC_CONF:-}${PYTORCH_CUDA_ALLOC_CONF:-}" ]]; then
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+fi
 mkdir -p "$OUT/results" "$RESULTS/capacity"
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv 2>&1 | tee -a "$OUT/capacity.log"
+echo "allocator: PYTORCH_ALLOC_CONF=${PYTORCH_ALLOC_CONF:-} PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-}" \
+  | tee -a "$OUT/capacity.log"
 deadline=$(( $(date +%s) + ${BUDGET_S:-540} ))
 for experiment in ${EXPERIMENTS:-capacity capacity_33b}; do
   left=$(( deadline - $(date +%s) ))

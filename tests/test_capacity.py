@@ -18,6 +18,7 @@ from chai.preflight import preflight
 from chai.records import read_jsonl, run_key
 from chai.report.capacity_table import capacity_frame, write_capacity_table
 from chai.report.figures_capacity import capacity_figures
+from chai import bench
 from chai.runners import bench_measure, capacity, capacity_measure
 from chai.runners.capacity_search import Trial, fit_workspace, search
 from tests.helpers import assert_one_line_error, compose_cfg, kept_k_bytes, kept_k_static_cache
@@ -26,6 +27,12 @@ KEPT = [0, 3, 6]  # heads whose K the stand-in stores
 SHARED = [0, 0, 0, 1, 1, 1, 2, 2]  # query head -> the stored K it scores with
 BUDGET, FIXED, PER_SEQ, RESERVE = 1_000_000, 20_000, 1_000, 10_000
 SEQ_LENS, NEW = (16, 32), 4
+# PyTorch's whole out-of-memory message, as the first H200 run raised it (the figures after "Including" were cut off)
+OOM_MESSAGE = ("CUDA out of memory. Tried to allocate 3.44 GiB. GPU 0 has a total capacity of 139.80 GiB of which "
+               "2.56 GiB is free. Including non-PyTorch memory, this process has 137.23 GiB memory in use. Of the "
+               "allocated memory 107.31 GiB is allocated by PyTorch, and 17.92 GiB is reserved by PyTorch but "
+               "unallocated. If reserved but unallocated memory is large try setting "
+               "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.")
 
 
 @register
@@ -96,6 +103,16 @@ def test_search_finds_the_largest_batch_from_any_start():
     assert len(trials) == 3 and lo < 300 and hi is None  # out of trials: what was learned so far
 
 
+def test_the_search_stays_near_a_prediction_that_errs_high():
+    """A probe at 8 fits, the prediction (96) errs a few percent high: the search steps down from the prediction
+    instead of bisecting between the probe and it (the first H200 run tried 52 next), and closes within 5 trials."""
+    for truth in range(84, 97):
+        judge = lambda b: Trial(b, b <= truth, "stand-in")  # noqa: E731
+        lo, hi, trials = search(judge, 96, 4096, 0.03, 12, known=[Trial(8, True, "probe")])
+        assert lo <= truth < hi and hi - lo <= 2 and len(trials) <= 5, (truth, [t.batch for t in trials])
+        assert min(t.batch for t in trials) >= 80, (truth, [t.batch for t in trials])
+
+
 def test_workspace_model_from_probes():
     assert fit_workspace([(1, 500)]).at(8) == 4000  # one probe: proportional to the batch
     two = fit_workspace([(1, 1300), (8, 6900)])  # 500 + 800 per sequence
@@ -108,6 +125,13 @@ def test_workspace_model_from_probes():
                                                        "capacity.workspace_per_seq_bytes=null").capacity,
                                           torch.device("cuda"), probe)
     assert (measured.fixed, measured.per_seq) == (500, 300) and "2 probes" in measured.source
+    # Memory the allocator reserved but could not hand out (fragmentation) counts when it is the larger peak.
+    held = lambda b: Trial(b, True, "probe", peak_bytes=10_000 * b + 800 * b, kv_bytes=10_000 * b,  # noqa: E731
+                           reserved_bytes=10_000 * b + 1_000 * b)
+    measured = capacity.measure_workspace(capacity_cfg("/tmp/unused", "capacity.workspace_bytes=null",
+                                                       "capacity.workspace_per_seq_bytes=null").capacity,
+                                          torch.device("cuda"), held)
+    assert (measured.fixed, measured.per_seq) == (0, 1_000)
 
 
 def test_the_largest_batch_is_the_budget_s_and_fewer_k_bytes_fit_more(recorded):
@@ -143,48 +167,80 @@ def test_a_rerun_resumes_without_measuring(recorded, monkeypatch):
     assert len(cells(results)) == 4
 
 
-def test_out_of_memory_in_a_trial_means_too_large(tiny_llama, monkeypatch):
-    """The search on a device: each trial runs the bench cell; a simulated OOM above 13 sequences is caught by
-    `measure_safely` and counts as not fitting; another failure ends the cell."""
+def mha_path():
+    return bench_measure.BenchPath("static_compiled", build_method({"name": "mha"}), {"name": "mha"}, "sdpa", True)
+
+
+def test_a_trial_decodes_trial_steps_on_a_cache_for_new_tokens(tiny_llama, monkeypatch):
+    """A search trial holds what the bench's cell holds (the cache for seq_len + new_tokens, a prefill, the step) but
+    decodes trial_steps steps, not new_tokens; an eager step needs no second prefill, a compiled one does (its graph
+    pool is held while the round's prefill runs)."""
     model, _ = tiny_llama
-    real = bench_measure.measure
+    prefills, real = [], bench.prefill
+    monkeypatch.setattr(bench, "prefill", lambda *a: prefills.append(1) or real(*a))
+    ids, cfg = torch.randint(0, 1000, (3, 6)), capacity_cfg("/tmp/unused", "bench.compile_backend=eager")
+    for step, n_prefills in (("eager", 1), ("compile", 2)):
+        prefills.clear()
+        bcfg = capacity.bench_settings(cfg, step, 0, 1)
+        result = bench_measure.measure_safely(mha_path(), model, ids, bcfg, torch.device("cpu"), "sdpa",
+                                              lambda *a: capacity_measure.trial_measure(*a, steps=2))
+        assert result["error"] is None and result["step"] == step and len(prefills) == n_prefills
+        assert result["decode_steps"] == 2 == result["ttnt_ms"]["n"] and result["cache_tokens"] == 6 + NEW
+        analytic = sum(build_method({"name": "mha"}).kv_bytes(model.config, 3, 6 + NEW, 4).values())
+        assert result["kv_measured"]["measured_cache"] == analytic  # the cache has room for all new_tokens
 
-    def measure(path, model, ids, bcfg, device):
+
+def test_out_of_memory_in_a_trial_means_too_large(tiny_llama, monkeypatch):
+    """The search on a device: each trial runs the bench cell's setup; a simulated OOM above 13 sequences is caught
+    by `measure_safely` and counts as not fitting, its reason keeps PyTorch's figures (reserved but unallocated
+    included) without the advice; another failure ends the cell."""
+    model, _ = tiny_llama
+    real = capacity_measure.trial_measure
+
+    def trial(path, model, ids, bcfg, device, steps):
         if ids.shape[0] > 13:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
-        return real(path, model, ids, bcfg, device)
+            raise torch.OutOfMemoryError(OOM_MESSAGE)
+        return real(path, model, ids, bcfg, device, steps)
 
-    monkeypatch.setattr(bench_measure, "measure", measure)
-    mha = build_method({"name": "mha"})
-    path = bench_measure.BenchPath("static_compiled", mha, {"name": "mha"}, "sdpa", True)
+    monkeypatch.setattr(capacity_measure, "trial_measure", trial)
     bcfg = capacity.bench_settings(capacity_cfg("/tmp/unused"), "eager", 0, 1)
     prompts = lambda b: torch.randint(0, 1000, (b, 6))  # noqa: E731
-    judge = capacity_measure.DeviceJudge(capacity_measure.trial_runner(path, model, prompts, bcfg,
-                                                                       torch.device("cpu"), "sdpa"), None)
+    judge = capacity_measure.DeviceJudge(capacity_measure.trial_runner(mha_path(), model, prompts, bcfg,
+                                                                       torch.device("cpu"), "sdpa", 2), None)
     lo, hi, trials = search(judge, 16, 4096, 0.0, 12)
-    assert (lo, hi) == (13, 14) and "out of memory" in trials[0].reason and trials[-1].seconds > 0
-    monkeypatch.setattr(bench_measure, "measure", lambda *a: (_ for _ in ()).throw(RuntimeError("kernel broke")))
-    with pytest.raises(capacity_measure.CellFailed, match="kernel broke"):
+    assert (lo, hi) == (13, 14) and trials[-1].seconds > 0
+    assert "17.92 GiB is reserved by PyTorch but unallocated" in trials[0].reason
+    assert "out of memory" in trials[0].reason and "try setting" not in trials[0].reason
+    monkeypatch.setattr(capacity_measure, "trial_measure", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("broke")))
+    with pytest.raises(capacity_measure.CellFailed, match="broke"):
         judge(2)
 
 
 def test_out_of_memory_at_the_largest_batch_steps_down(tmp_path, monkeypatch):
     """The measurement at the largest batch uses the bench's static step, which may hold more than the search's:
-    out of memory there counts as not fitting, and the batch steps down."""
+    out of memory there counts as not fitting, and the batch steps down by the tolerance, doubled at each miss.
+    The record keeps the searched batch, the measured one, the OOM's figures and the allocator's settings."""
     real = bench_measure.measure
-    allowed = largest_batch(8, SEQ_LENS[0]) - 2
+    searched = largest_batch(8, SEQ_LENS[0])
+    allowed = searched - 3
 
     def measure(path, model, ids, bcfg, device):
-        if bcfg.static_step != "eager" and ids.shape[0] > allowed:  # the final measurement, not a search trial
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        if ids.shape[0] > allowed:  # only the final measurement calls measure: the trials set the cell up alone
+            raise torch.OutOfMemoryError(OOM_MESSAGE)
         return real(path, model, ids, bcfg, device)
 
     monkeypatch.setattr(bench_measure, "measure", measure)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     run_mode(capacity_cfg(tmp_path, f"capacity.seq_lens=[{SEQ_LENS[0]}]"), overrides=[])
     (rec,) = cells(tmp_path)
     c = rec["capacity"]
-    assert rec["error"] is None and c["measured_max_batch"] == allowed and c["bracket"] == [allowed, allowed + 1]
-    assert [t["batch"] for t in c["trials"] if "largest batch" in t["reason"]] == [allowed + 2, allowed + 1]
+    assert rec["error"] is None and c["searched_max_batch"] == searched and c["measured_max_batch"] == allowed
+    assert c["bracket"] == [allowed, searched - 1] and not c["resolved"]  # 1 down, then 2: searched - 3
+    final = [t for t in c["trials"] if "largest batch" in t["reason"]]
+    assert [t["batch"] for t in final] == [searched, searched - 1]
+    assert all("17.92 GiB is reserved" in t["reason"] and t["seconds"] > 0 for t in final)
+    assert c["allocator_env"] == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    assert rec["config"]["capacity"]["cell"]["allocator_env"] == c["allocator_env"]  # part of the cell's key
 
 
 @pytest.mark.parametrize("override, pattern", [
@@ -193,6 +249,7 @@ def test_out_of_memory_at_the_largest_batch_steps_down(tmp_path, monkeypatch):
     ("capacity.fits_by=device", "needs a CUDA device"),
     ("capacity.resolution=0.7", "capacity.resolution must be in"),
     ("capacity.max_trials=0", "capacity.max_trials must be an integer >= 1"),
+    (f"capacity.trial_steps={NEW + 1}", "capacity.trial_steps must be <= capacity.new_tokens"),
     ("capacity.workspace_per_seq_bytes=null", "set both capacity.workspace_bytes"),
     ("capacity.probe_batches=[]", "capacity.probe_batches must be a non-empty list"),
 ])

@@ -8,11 +8,15 @@ Paths (`capacity.paths`) are the bench's static ones (chai/runners/bench.py `pla
    `kv_bytes`) and the workspace (probe runs on CUDA, or configured: `capacity_search` says how it is modelled) give
    the predicted largest batch;
 2. the search (`capacity_search.search`) starts there and brackets the largest batch that fits: on CUDA each trial
-   runs the real cell and out of memory means too large (`fits_by=device`); on the CPU the analytic need against
-   `capacity.memory_bytes` decides (`fits_by=budget`);
-3. at the largest batch the cell is measured with the bench's static step (`bench.static_step`; trials decode with
-   `capacity.search_step`, eager by default, to spare a compilation per trial); if that runs out of memory the batch
-   steps down.
+   sets the real cell up (the cache for seq_len + new_tokens, a prefill) and decodes `capacity.trial_steps` steps;
+   out of memory means too large (`fits_by=device`); on the CPU the analytic need against `capacity.memory_bytes`
+   decides (`fits_by=budget`);
+3. at the largest batch the cell is measured with the bench's static step (`bench.static_step`) and all new_tokens
+   steps. Trials decode with `capacity.search_step`, eager by default: the compiled step cannot share a compilation
+   between trials (`bench.make_step` resets dynamo and compiles a step closed over each trial's cache, with static
+   shapes), and one compilation of the 7B step is ~29 s on an H200. The compiled step needs more memory than the
+   eager one (its CUDA-graph pool, outside the main pool): if it runs out, the batch steps down by the search's
+   tolerance, doubled at each further miss. The record keeps the searched and the measured batch apart.
 One record per cell (chai/runners/record.py), resumed by its run key like a bench cell.
 """
 
@@ -31,7 +35,7 @@ from chai.roofline import copy_bandwidth, weight_bytes_per_step
 from chai.runners.bench import STEPS, plan, prompt_ids
 from chai.runners.capacity_cells import cell_config, cell_line, cell_record, cell_summary, finished_cells
 from chai.runners.capacity_measure import (BudgetJudge, CellFailed, DeviceJudge, measure_released,
-                                           memory_budget, readable, trial_runner)
+                                           memory_budget, oom_message, readable, trial_runner)
 from chai.runners.capacity_search import (Logged, Trial, Workspace, fit_workspace, predict, resolved, search,
                                           tolerance)
 from chai.runners.record import method_facts, start
@@ -40,7 +44,7 @@ from chai.runners.setup import setup
 PATHS = ("static_compiled", "method_static")
 FITS_BY = ("auto", "device", "budget")
 SEARCH_STEPS = ("eager", "same")
-FINAL_TRIES = 4  # measurements at the largest batch, each a step down after the one before did not fit
+FINAL_TRIES = 4  # measurements at the largest batch, each a (doubling) step down after the one before did not fit
 
 
 def check(cfg) -> None:
@@ -54,9 +58,11 @@ def check(cfg) -> None:
             raise did_you_mean(f"capacity.{key}", c[key], choices)
     if cfg.bench.static_step not in STEPS:
         raise did_you_mean("bench.static_step", cfg.bench.static_step, STEPS)
-    for key in ("new_tokens", "repeats", "max_trials", "max_batch"):
+    for key in ("new_tokens", "repeats", "max_trials", "max_batch", "trial_steps"):
         if not isinstance(c[key], int) or c[key] < 1:
             raise ChaiError(f"capacity.{key} must be an integer >= 1, got {c[key]!r}.")
+    if c.trial_steps > c.new_tokens:  # the cache has room for new_tokens steps after the prompt
+        raise ChaiError(f"capacity.trial_steps must be <= capacity.new_tokens ({c.new_tokens}), got {c.trial_steps}.")
     for key in ("seq_lens", "probe_batches"):
         if not c[key] or any(not isinstance(v, int) or v < 1 for v in c[key]):
             raise ChaiError(f"capacity.{key} must be a non-empty list of positive integers, got {c[key]!r}.")
@@ -90,7 +96,7 @@ class Setting:
     budget: dict
     bandwidth: dict
     fits_by: str
-    trial: object  # bench settings of a trial (one round, the search step)
+    trial: object  # bench settings of a trial (the search step; its new_tokens size the cache)
     final: object  # bench settings of the measurement at the largest batch
 
 
@@ -150,7 +156,7 @@ def find(path, seq_len: int, s: Setting) -> dict:
     kv = lambda batch: sum(path.method.kv_bytes(model.config, batch, tokens, dtype_bytes).values())  # noqa: E731
     prompts = lambda batch: prompt_ids(model, batch, seq_len, int(s.cfg.bench.input_seed))  # noqa: E731
     limit = s.budget["budget_bytes"] if c.memory_bytes is not None else None  # a budget below the device's
-    runner = trial_runner(path, model, prompts, s.trial, model.device, s.default_attn)
+    runner = trial_runner(path, model, prompts, s.trial, model.device, s.default_attn, int(c.trial_steps))
     found = {"fits_by": s.fits_by, "budget": s.budget, "trials": [], "final": None, "lo": 0, "hi": None}
     try:
         probes = Logged(DeviceJudge(runner, limit, "workspace probe"), found["trials"])
@@ -162,6 +168,7 @@ def find(path, seq_len: int, s: Setting) -> dict:
         lo, hi, _ = search(Logged(judge, found["trials"]), max(1, found["prediction"]["max_batch"]),
                            int(c.max_batch), c.resolution, max(1, int(c.max_trials) - len(found["trials"])),
                            known=list(found["trials"]))
+        found["searched"] = lo
         measure_largest(path, lo, hi, prompts, limit, s, found)
     except CellFailed as failed:
         found.update(error=failed.result["error"], traceback=failed.result.get("traceback"))
@@ -174,24 +181,29 @@ def find(path, seq_len: int, s: Setting) -> dict:
 
 def measure_workspace(c, device, probe) -> Workspace:
     """The workspace model of a cell: configured numbers; none on the CPU (no allocator: 0 unless configured); else
-    `probe(batch)` runs at `probe_batches`, each one's allocator peak minus the K,V its cache held."""
+    `probe(batch)` runs at `probe_batches`, each one's allocator peak (its reserved peak when larger: memory the
+    allocator holds but cannot hand out counts against the budget too) minus the K,V its cache held."""
     if c.workspace_bytes is not None:
         return Workspace(int(c.workspace_bytes), int(c.workspace_per_seq_bytes), "configured")
     if device.type != "cuda":
         return Workspace(0, 0, "none: the CPU has no allocator to measure it (capacity.workspace_bytes sets it)")
     probes = [probe(batch) for batch in c.probe_batches]
-    points = [(t.batch, t.peak_bytes - t.kv_bytes) for t in probes if t.peak_bytes is not None and t.kv_bytes]
+    points = [(t.batch, max(t.peak_bytes, t.reserved_bytes or 0) - t.kv_bytes) for t in probes
+              if t.peak_bytes is not None and t.kv_bytes]
     return fit_workspace(points) if points else Workspace(0, 0, "none: no probe batch ran")
 
 
 def measure_largest(path, lo: int, hi: int | None, prompts, limit: int | None, s: Setting, found: dict) -> None:
     """Measure the cell at `lo` with the bench's static step; out of memory there (a compiled step holds more than
-    the search step did) counts as not fitting: step down by the search's tolerance and measure again, at most
-    FINAL_TRIES times. Sets found["lo"], ["hi"], ["final"]; raises CellFailed on another failure."""
+    the eager search step did) counts as not fitting: step down by the search's tolerance, doubled at each further
+    miss (each miss costs a compilation, ~30 s for the 7B step), at most FINAL_TRIES times. Sets found["lo"], ["hi"],
+    ["final"]; raises CellFailed on another failure."""
     c, step = s.cfg.capacity, bench.static_step_kind(s.final, s.model.device)
+    down = tolerance(lo, c.resolution)
     for _ in range(FINAL_TRIES):
         if lo < 1:  # nothing fits
             break
+        started = time.perf_counter()
         result = measure_released(path, s.model, prompts(lo), s.final, s.model.device, s.default_attn)
         peak = (result.get("kv_measured") or {}).get("allocator_peak")
         over = limit is not None and peak is not None and peak > limit
@@ -200,9 +212,11 @@ def measure_largest(path, lo: int, hi: int | None, prompts, limit: int | None, s
         if not result["oom"] and not over:
             found["final"] = result
             break
-        why = "out of memory" if result["oom"] else f"allocator peak {readable(peak)} > budget {readable(limit)}"
-        found["trials"].append(Trial(lo, False, f"measurement at the largest batch ({step} step): {why}"))
-        hi, lo = lo, lo - tolerance(lo, c.resolution)
+        why = oom_message(result["error"]) if result["oom"] else (f"allocator peak {readable(peak)} > budget "
+                                                                   f"{readable(limit)}")
+        found["trials"].append(Trial(lo, False, f"measurement at the largest batch ({step} step): {why}",
+                                     seconds=time.perf_counter() - started))
+        hi, lo, down = lo, lo - down, 2 * down
     else:
         found["error"] = (f"no measurement at the largest batch: the {step} step did not fit at any of the "
                           f"{FINAL_TRIES} batches tried, down to {hi}")

@@ -2,6 +2,7 @@
 fits) and the measurement at that batch against the roofline, and the one line printed as it is measured."""
 
 import copy
+import os
 
 from chai.records import records_by_key, succeeded
 from chai.roofline import kv_cache_bytes, percentiles, step_roofline
@@ -9,6 +10,7 @@ from chai.runners.bench_cells import ratio
 from chai.runners.record import method_facts
 
 GRID_KEYS = ("seq_lens", "paths")  # not part of a cell's identity: a cell resumes across grids
+ALLOC_ENV = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # the caching allocator's settings (both names read)
 # The bench settings a capacity cell runs with (its own group holds new_tokens, warmup, repeats; the static step is
 # keyed as resolved).
 BENCH_KEYS = ("baseline_method", "compile_mode", "compile_backend", "input_seed")
@@ -20,16 +22,24 @@ def finished_cells(path) -> dict[str, dict]:
     return records_by_key(path, lambda r: r.get("kind") == "capacity_cell" and succeeded(r))
 
 
+def allocator_env() -> dict[str, str]:
+    """The allocator settings this process runs under ({} for PyTorch's defaults): expandable segments, for one,
+    change the largest batch that fits (no fragmentation between prefill tensors of different sizes)."""
+    return {name: os.environ[name] for name in ALLOC_ENV if name in os.environ}
+
+
 def cell_config(config: dict, path, seq_len: int, device_name: str, step: str) -> dict:
     """The settings that define one cell (its run key): the run's config with the path's method, the capacity
-    settings without the grid lists, the bench settings it uses with the static step as resolved, the device, and
-    the method's kernel launch settings if it reports any (the groups it never reads: chai.records.OTHER_MODES)."""
+    settings without the grid lists, the bench settings it uses with the static step as resolved, the device and
+    the allocator's settings, and the method's kernel launch settings if it reports any (the groups it never reads:
+    chai.records.OTHER_MODES)."""
     cell = {k: copy.deepcopy(v) for k, v in config.items() if k != "resume"}
     cell["method"] = path.method_cfg
     cell["bench"] = {k: v for k, v in cell["bench"].items() if k in BENCH_KEYS}
     cell["bench"]["static_step"] = step
     cell["capacity"] = {k: v for k, v in cell["capacity"].items() if k not in GRID_KEYS}
-    cell["capacity"]["cell"] = {"seq_len": seq_len, "path": path.name, "device": device_name}
+    cell["capacity"]["cell"] = {"seq_len": seq_len, "path": path.name, "device": device_name,
+                                "allocator_env": allocator_env()}
     kernel = path.method.run_stats().decode_kernel
     if kernel:
         cell["bench"]["decode_kernel"] = kernel
@@ -63,9 +73,12 @@ def cell_record(rec: dict, path, model, found: dict, seq_len: int, ccfg, rates: 
     empty = percentiles([])
     cap = {"seq_len": seq_len, "new_tokens": n, "cache_tokens": seq_len + n, "path": path.name,
            "dtype": str(model.dtype).replace("torch.", ""), "fits_by": found["fits_by"],
-           "search_step": ccfg.search_step, "budget": found["budget"], "bandwidth": rates["bandwidth"],
-           "prediction": found["prediction"], "predicted_max_batch": found["prediction"]["max_batch"],
-           "measured_max_batch": batch, "bracket": [found["lo"], found["hi"]], "resolved": found["resolved"],
+           "search_step": ccfg.search_step, "trial_steps": int(ccfg.trial_steps), "allocator_env": allocator_env(),
+           "budget": found["budget"], "bandwidth": rates["bandwidth"], "prediction": found["prediction"],
+           "predicted_max_batch": found["prediction"]["max_batch"],
+           # the search's largest (search_step) and the largest measured with the bench's static step
+           "searched_max_batch": found.get("searched"), "measured_max_batch": batch,
+           "bracket": [found["lo"], found["hi"]], "resolved": found["resolved"],
            "capped": found["hi"] is None and batch == int(ccfg.max_batch),
            "trials": [t.as_record() for t in found["trials"]], "n_trials": len(found["trials"]),
            "ttft_ms": empty, "ttnt_ms": empty, "e2e_ms": empty, **result,
@@ -82,7 +95,8 @@ def cell_record(rec: dict, path, model, found: dict, seq_len: int, ccfg, rates: 
 def cell_line(rec: dict) -> str:
     c = rec["capacity"]
     head = (f"{rec['method']:>14} {c['path']:<15} S={c['seq_len']:<5} predicted B={c['predicted_max_batch']:<4} "
-            f"measured B={c['measured_max_batch']:<4} ({c['n_trials']} trials)")
+            f"searched B={c.get('searched_max_batch')} measured B={c['measured_max_batch']:<4} "
+            f"({c['n_trials']} trials)")
     if rec["error"]:
         return f"{head} FAILED: {rec['error'][:120]}"
     if not c["measured_max_batch"]:

@@ -1,19 +1,25 @@
 """The device side of mode=capacity: the memory budget, whether a batch fits (run the cell, or compare the analytic
 need with the budget: the same search calls either), and the measurement at the largest batch that fits.
 
-A trial runs the bench's real cell through `bench_measure.measure_safely` (static cache allocated at seq_len +
-new_tokens, a prefill, new_tokens decode steps; an out-of-memory error is caught there and means too large). The
-final measurement is the same cell with the bench's static step and its warm-up and repeats; its end-to-end time is
+A trial (`trial_measure`, under `bench_measure.measure_safely`: an out-of-memory error is caught there and means too
+large) sets the bench's cell up (static cache allocated at seq_len + new_tokens, a prefill, the step) and decodes
+`capacity.trial_steps` steps, not new_tokens: the cache is allocated whole at the start, so later steps hold nothing
+new, and 256 eager steps were ~7 s of each ~20 s trial on an H200. The final measurement is the bench's cell
+(`bench_measure.measure`) with its static step, warm-up, repeats and all new_tokens steps; its end-to-end time is
 `measure`'s `e2e_ms` (each round's TTFT plus the sum of its decode steps, device events of the same round).
 """
 
 import time
+from functools import partial
 
 import torch
 
-from chai.roofline import cuda_devices
-from chai.runners.bench_measure import free_memory, measure_safely
+from chai import bench
+from chai.roofline import Allocator, Clock, cuda_devices, percentiles
+from chai.runners.bench_measure import Decoder, free_memory, measure_safely
 from chai.runners.capacity_search import Trial
+
+ADVICE = " If reserved but unallocated memory is large"  # where PyTorch's OOM message turns from numbers to advice
 
 
 class CellFailed(Exception):
@@ -77,30 +83,67 @@ class DeviceJudge:
         if result["error"] and not result["oom"]:
             raise CellFailed(result)
         if result["oom"]:
-            return Trial(batch, False, f"{self.label}: out of memory ({result['error'][:160]})", seconds=seconds)
+            return Trial(batch, False, f"{self.label}: {oom_message(result['error'])}", seconds=seconds)
         held = result["kv_measured"]
-        peak, kv = held["allocator_peak"], held["measured_cache"]
+        peak, kv, reserved = held["allocator_peak"], held["measured_cache"], held.get("reserved_peak")
         over = self.limit is not None and peak is not None and peak > self.limit
         why = f"ran, allocator peak {readable(peak)}"
+        if reserved is not None:
+            why += f" (reserved {readable(reserved)})"
         if self.limit is not None:
             why += f" {'>' if over else '<='} budget {readable(self.limit)}"
-        return Trial(batch, not over, f"{self.label}: {why}", peak, kv, seconds)
+        return Trial(batch, not over, f"{self.label}: {why}", peak, kv, seconds, reserved)
 
 
-def trial_runner(path, model, prompts, bcfg, device, default_attn: str):
-    """run(batch) for a DeviceJudge: the bench cell at `batch` (prompts(batch) -> ids [batch, seq_len]), and all its
-    memory back afterwards (the next trial may need every byte)."""
+def oom_message(error: str) -> str:
+    """An out-of-memory result's message with all its numbers (requested, free, allocated, held in private pools,
+    reserved but unallocated: they say whether fragmentation decided), without PyTorch's advice after them."""
+    return f"out of memory ({error.split(ADVICE)[0].strip()})"
+
+
+def trial_measure(path, model, ids: torch.Tensor, bcfg, device: torch.device, steps: int) -> dict:
+    """The memory of the bench cell at ids.shape[0] sequences, in `steps` decode steps: `bench_measure.Decoder` sets
+    the cell up as the bench does (the static cache for seq_len + bcfg.new_tokens tokens, a prefill, the step), then,
+    for a step that holds memory of its own between calls (a compiled step's graph pool, a captured graph), the
+    round's prefill beside it; an eager step holds none, so that prefill would repeat the setup's (~5 s at 80 x 2048
+    tokens on an H200) for nothing. Then `steps` steps (the step's own buffers). Same result keys as
+    `bench_measure.measure` that the search reads, plus the reserved peak."""
+    clock, alloc = Clock(device), Allocator(device)
+    alloc.start()  # resets the peak statistics, the reserved one too
+    base = reserved(device, torch.cuda.memory_reserved)
+    decoder = Decoder(path, model, ids, bcfg, device, alloc)
+    token = ids[:, -1:]  # any token: only the memory counts
+    if decoder.kind != "eager":
+        token = decoder.prompt(clock)[0]
+    ms = bench.decode_n_tokens(decoder.step, token, torch.full_like(token, ids.shape[1]), steps, clock)
+    peak = reserved(device, torch.cuda.max_memory_reserved)
+    return {"step": decoder.kind, "cache_tokens": decoder.max_len, "decode_steps": steps, "ttnt_ms": percentiles(ms),
+            "kv_measured": {"measured_cache": decoder.held["k"] + decoder.held["v"], "allocator_peak": alloc.peak(),
+                            "reserved_peak": None if peak is None else peak - base}}
+
+
+def reserved(device: torch.device, reading) -> int | None:
+    """`reading` (a torch.cuda reserved-memory statistic) summed over the visible GPUs; None on the CPU."""
+    return sum(reading(i) for i in cuda_devices(device)) if device.type == "cuda" else None
+
+
+def trial_runner(path, model, prompts, bcfg, device, default_attn: str, steps: int):
+    """run(batch) for a DeviceJudge: `trial_measure` at `batch` (prompts(batch) -> ids [batch, seq_len]) with
+    `steps` decode steps, and all its memory back afterwards (the next trial may need every byte)."""
 
     def run(batch: int) -> dict:
-        return measure_released(path, model, prompts(batch), bcfg, device, default_attn)
+        trial = partial(trial_measure, steps=steps)
+        return measure_released(path, model, prompts(batch), bcfg, device, default_attn, trial)
 
     return run
 
 
-def measure_released(path, model, ids: torch.Tensor, bcfg, device: torch.device, default_attn: str) -> dict:
-    """The bench cell at ids.shape[0] sequences (`bench_measure.measure` under `measure_safely`'s guards: a
-    failure, OOM included, becomes the result), then everything it held released: the next run may need every byte."""
-    result = measure_safely(path, model, ids, bcfg, device, default_attn)
+def measure_released(path, model, ids: torch.Tensor, bcfg, device: torch.device, default_attn: str,
+                     measure_fn=None) -> dict:
+    """The bench cell at ids.shape[0] sequences (`bench_measure.measure`, or `measure_fn`, under `measure_safely`'s
+    guards: a failure, OOM included, becomes the result), then everything it held released: the next run may need
+    every byte."""
+    result = measure_safely(path, model, ids, bcfg, device, default_attn, measure_fn)
     release(device)
     return result
 

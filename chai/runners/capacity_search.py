@@ -5,8 +5,10 @@ Memory model of one cell (a static cache of `seq_len + new_tokens` tokens per se
 decode steps): need(B) = K,V(B) + workspace(B) + reserve, with
 - K,V(B): the method's analytic `kv_bytes` (exact: the tests and the bench check it against the cache tensors);
 - workspace(B) = fixed + per_seq x B: what the run allocates beyond the cache (prefill activations, which grow with
-  the batch; the step's buffers, a compiled step's graph pool). Measured on CUDA by probe runs (allocator peak minus
-  the K,V the cache holds) and fitted by least squares (`fit_workspace`), or configured;
+  the batch; the step's buffers, a compiled step's graph pool). Measured on CUDA by probe runs (the allocator's peak,
+  or its reserved peak when larger: segments split between prefill tensors of different sizes are held but not
+  allocated; the first H200 run ran out of memory at 82 sequences when 81 peaked at 114 GB allocated of a 136 GB
+  budget), minus the K,V the cache holds, fitted by least squares (`fit_workspace`), or configured;
 - reserve: configured room for memory outside the caching allocator (CUDA context, cuBLAS and Triton workspaces).
 A batch fits when need(B) <= the budget: the device memory free after the model loaded, or a configured number.
 """
@@ -25,6 +27,7 @@ class Trial:
     peak_bytes: int | None = None  # allocator peak of the run, over what was allocated before it (CUDA)
     kv_bytes: int | None = None  # K,V the cache held (measured from its tensors)
     seconds: float | None = None  # wall time of the trial
+    reserved_bytes: int | None = None  # allocator's reserved peak over what it reserved before (CUDA): fragmentation
 
     def as_record(self) -> dict:
         return asdict(self)
@@ -96,26 +99,29 @@ def tolerance(batch: int, resolution: float) -> int:
 def search(fits, start: int, max_batch: int, resolution: float, max_trials: int,
            known: list[Trial] = ()) -> tuple[int, int | None, list[Trial]]:
     """The largest batch in [1, max_batch] for which `fits(batch) -> Trial` says yes, assuming that a batch that
-    does not fit has no larger one that fits. Starts at `start` (the prediction), steps up (or down, when it does
-    not fit) by a step that doubles each time until the answer is bracketed, then bisects until the bracket is
-    within `tolerance`, in at most `max_trials` calls. `known`: trials already made (the workspace probes).
+    does not fit has no larger one that fits. Starts at `start` (the prediction), steps up while every trial fits (or
+    down while none does) by a step that starts at twice the tolerance and doubles, then bisects until the bracket is
+    within `tolerance`, in at most `max_trials` calls. `known`: trials already made (the workspace probes): they bound
+    the bracket, but the steps stay near the prediction rather than bisecting at once between a small probe and it (the
+    first H200 run, predicted 96, tried 52 next and needed 7 more trials to climb back to 81).
 
     Returns (lo, hi, trials): lo the largest batch seen to fit (0: none), hi the smallest seen not to (None: none
     up to max_batch), the calls made. Resolved when hi is None and lo == max_batch, or hi - lo <= tolerance."""
     lo, hi = 0, max_batch + 1  # hi beyond the cap: nothing yet seen not to fit
     for trial in known:
         lo, hi = (max(lo, trial.batch), hi) if trial.fits else (lo, min(hi, trial.batch))
-    trials, step = [], tolerance(start, resolution)
+    trials, step = [], 2 * tolerance(start, resolution)
     candidate = min(max(start, lo + 1, 1), hi - 1, max_batch)
     while len(trials) < max_trials and hi - lo > tolerance(lo, resolution):
         trial = fits(candidate)
         trials.append(trial)
         lo, hi = (candidate, hi) if trial.fits else (lo, candidate)
-        if hi > max_batch:  # climbing: nothing has failed yet
+        fitted, failed = any(t.fits for t in trials), not all(t.fits for t in trials)
+        if not failed:  # climbing
             candidate, step = min(max_batch, lo + step), 2 * step
-        elif lo == 0:  # descending: nothing has fitted yet
-            candidate, step = max(1, hi - step), 2 * step
-        else:
+        elif not fitted:  # descending
+            candidate, step = hi - step, 2 * step
+        if (fitted and failed) or not lo < candidate < hi:  # bracketed, or the step left the bracket: bisect
             candidate = (lo + hi) // 2
     return lo, (None if hi > max_batch else hi), trials
 
