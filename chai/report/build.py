@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from chai.report import figures_accuracy, figures_analysis, figures_bench, figures_capacity, figures_frontier
+from chai.report import (figures_accuracy, figures_analysis, figures_bench, figures_capacity, figures_frontier,
+                         long_context)
 from chai.report.bench_table import write_bench_table
 from chai.report.capacity_table import capacity_frame, write_capacity_table
 from chai.report.frontier_tasks import write_task_tables
@@ -73,6 +74,8 @@ def _steps(data: dict, results: Path, metric: str) -> list:
         ("bench_table", "bench", lambda d, o: write_bench_table(results, o), None, False),
         ("capacity_table", "tables", write_capacity_table, data["capacity"], False),
         ("capacity", "figures", figures_capacity.capacity_figures, data["capacity"], False),
+        ("long_context", "figures", long_context.figures, data["long_context"], False),
+        ("long_context_table", "tables", long_context.write_table, data["long_context"], False),
     ]
 
 
@@ -83,11 +86,14 @@ def _frames(records: list[dict], results: Path, failed: list) -> dict:
     # before `latest` (a cell also recorded elsewhere must not hide it)
     spec = report_config()["frontier"]
     ours = [r for r in records if r.get("experiment") in {spec["experiment"], *spec.get("also", [])}]
-    makers = {"accuracy": lambda: latest(eval_frame(records, calibrations)),
+    # the long-context records score other tasks at several lengths: their own figures and table, none of the above
+    scored = [r for r in records if r.get("experiment") != long_context.spec()["experiment"]]
+    makers = {"accuracy": lambda: latest(eval_frame(scored, calibrations)),
               "frontier": lambda: figures_frontier.equivalent_baseline(latest(eval_frame(ours, calibrations))),
               "bench": lambda: latest(bench_frame(records)),
               "membership": lambda: latest(membership_frame(records)),
-              "capacity": lambda: capacity_frame(records)}
+              "capacity": lambda: capacity_frame(records),
+              "long_context": lambda: long_context.frame(records)}
     data = {"calibrations": calibrations}
     for name, make in makers.items():
         try:
