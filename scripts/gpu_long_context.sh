@@ -29,7 +29,7 @@ data=${CHAI_DATA_DIR:-../shared/data}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 deadline=$((SECONDS + ${BUDGET_S:-540}))
-common=(device=cuda logger.wandb.mode=disabled "results_dir=$res")
+common=("device=${DEVICE:-cuda}" logger.wandb.mode=disabled "results_dir=$res")  # DEVICE=cpu: a smoke run here
 
 echo "== task files (and the stage list)"
 stages_file=$logs/stages.txt

@@ -78,13 +78,18 @@ def profile_path(name: str, kind: str, overrides: list[str], args) -> None:
                   f"S={args.seq}: TTFT {ttft:.2f} ms, TTNT {percentiles(ms)['median']:.3f} ms", flush=True)
             if args.prefill:  # the prompt's forward, host ops too (a prefill launches eagerly)
                 activities = [*activities, torch.profiler.ProfilerActivity.CPU]
+            # A round of its own, so the profiler's cost stays out of the times above. Profiling the decode, the
+            # prompt runs before the profiler starts: inside it, the prefill's kernels were divided among the steps.
+            if not args.prefill:
+                token = decoder.prompt(clock)[0]
             with torch.profiler.profile(activities=list(dict.fromkeys(activities))) as prof:
-                token = decoder.prompt(clock)[0]  # a round of its own: the profiler's cost stays out of the times
-                if not args.prefill:
-                    decoder.decode(token, clock)
+                if args.prefill:
+                    decoder.prompt(clock)
+                else:
+                    decoder.decode(token, clock)  # bench.new_tokens steps (--steps)
         if dynamic or args.prefill:  # host time matters here: the CPU side of every op
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top), flush=True)
-        print(kernel_table(prof, 1 if args.prefill else args.steps, args.top), flush=True)
+        print(kernel_table(prof, 1 if args.prefill else decoder.n, args.top), flush=True)
     finally:
         set_attn(model, default_attn)
         if torch.cuda.is_available():
