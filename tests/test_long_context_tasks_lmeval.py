@@ -214,6 +214,12 @@ def test_runner_records_a_generation_and_a_perplexity_task(cache, tmp_path):
         "niah_single", 256, 8, True)
     assert data["max_length"] == niah["max_length"] == 512  # tiny_llama's positions: the 256-token window fits
 
+    # an evicting method's kept-token facts are the evaluation's: one per row and forward (2 requests x 8 tokens),
+    # not also the K,V probe's prompt that the record measures bytes with afterwards
+    evicting = run_mode(compose_cfg([*base, "task=niah_single", "task.max_gen_toks=8", "method=streamingllm",
+                                     "method.window=16"]), overrides=[])
+    assert evicting["method_info"]["kept_tokens"]["requests"] == 2 * 8
+
     ppl = run_mode(compose_cfg([*base, "task=c4_ppl"]), overrides=[])
     metrics = ppl["metrics"]
     assert {"word_perplexity", "byte_perplexity", "bits_per_byte"} <= set(metrics)

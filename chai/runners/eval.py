@@ -65,7 +65,8 @@ def run(cfg, record: dict) -> dict:
     scored["task_source"] = task.source
     if task.data is not None:
         scored["task_data"] = task_data(task.data, task.window, scored["max_length"])
+    facts = method_facts(method)  # before the K,V probe: the facts and counters are the evaluation's alone
     scored["kv_bytes_per_token"] = kv_record(model, method, ready.tokenizer, cfg)
-    scored.update(method_facts(method))
+    scored.update(facts)
     scored["dtype"] = str(model.dtype).replace("torch.", "")
     return scored
