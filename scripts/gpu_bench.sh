@@ -7,6 +7,8 @@
 #   bash scripts/gpu_bench.sh                # GRID=full: batch 1/8/16 x seq 256..4096
 #   GRID=core bash scripts/gpu_bench.sh model=llama33b bench/method=chai method.layer_clusters=llama33b \
 #       'bench.batch_sizes=[1,8]'            # one method on another model (bench.static_step=eager over 2 GPUs)
+#   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True GRID=core bash scripts/gpu_bench.sh model=llama33b ...
+#                                            # near the memory limit (a cell's key and record then name the setting)
 # Writes $OUT/results/bench/runs.jsonl (copy it to results/bench/runs.jsonl of the repository), $OUT/bench.log and
 # $OUT/bench_table.md. Records accumulate in RESULTS (default outputs/gpu_bench, git-ignored: kept on a warm machine
 # between calls) and recorded cells are reused, so a call cut short by BUDGET_S (default 540 s) goes on in the next.

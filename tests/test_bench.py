@@ -17,7 +17,7 @@ from chai.errors import ChaiError
 from chai.kernels.clustered_decode import clustered_attention_reference
 from chai.methods import Method, build_method, register
 from chai.methods.base import RunStats
-from chai.records import read_jsonl
+from chai.records import read_jsonl, run_key
 from chai.roofline import kv_cache_bytes
 from chai.runners import bench as bench_runner
 from chai.runners import bench_cells, bench_measure
@@ -295,3 +295,19 @@ def test_chai_without_an_artifact_calibrates_first_as_eval_does(tmp_path, capsys
     assert "nan" not in out.lower() and "None" not in out
     assert [line.split()[:4] for line in out.splitlines() if line.startswith(("sdpa ", "method "))] == [
         ["sdpa", "1", "x", "8"], ["method", "1", "x", "8"]]
+
+
+def test_a_cell_names_the_allocator_settings_only_when_the_environment_sets_them(monkeypatch):
+    """Expandable segments change what fits (the LLaMA-33B cell ran out of memory with 17 GiB reserved but
+    unallocated): a cell measured under them is another cell; cells under PyTorch's defaults keep their keys."""
+    mha = build_method(OmegaConf.create({"name": "mha"}))
+    path = bench_measure.BenchPath("static_compiled", mha, {"name": "mha"}, "sdpa", True)
+    config = {"method": {"name": "mha"}, "bench": {"batch_sizes": [1], "seq_lens": [8], "paths": ["sdpa"]}}
+    for name in bench_cells.ALLOC_ENV:
+        monkeypatch.delenv(name, raising=False)
+    plain = bench_cells.cell_config(config, path, 1, 8, "cpu", "eager")
+    assert "allocator_env" not in plain["bench"]
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    expandable = bench_cells.cell_config(config, path, 1, 8, "cpu", "eager")
+    assert expandable["bench"]["allocator_env"] == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    assert run_key(expandable) != run_key(plain)

@@ -6,6 +6,7 @@ and dynamic cache) with `sdpa`, `method_static` (its static cache, the same capt
 """
 
 import copy
+import os
 
 from chai.attention import AttnShape
 from chai.records import records_by_key, succeeded
@@ -24,6 +25,15 @@ GRID_KEYS = ("batch_sizes", "seq_lens", "paths")  # not part of a cell's identit
 FLOOR_TOLERANCE = 0.95
 
 
+ALLOC_ENV = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # the caching allocator's settings (both names read)
+
+
+def allocator_env() -> dict[str, str]:
+    """The allocator settings this process runs under ({} for PyTorch's defaults): expandable segments, for one,
+    change what fits (no fragmentation between prefill tensors of different sizes)."""
+    return {name: os.environ[name] for name in ALLOC_ENV if name in os.environ}
+
+
 def finished_cells(path) -> dict[str, dict]:
     """{key: record} of the cells `path` holds that a run reuses (resume): measured, or out of memory (which the
     same settings on the same device would be again). A cell that failed otherwise is measured again."""
@@ -33,7 +43,8 @@ def finished_cells(path) -> dict[str, dict]:
 def cell_config(config: dict, path, batch: int, seq_len: int, device_name: str, step: str) -> dict:
     """The settings that define one cell (its run key): the run's config with the path's method, without the grid
     lists, plus batch, seq_len, path, the device it ran on, a static path's step as resolved (`auto` has meant
-    different steps on different devices and versions) and the method's kernel launch settings, if it reports any."""
+    different steps on different devices and versions), the method's kernel launch settings, if it reports any, and
+    the caching allocator's settings when the environment sets them (expandable segments change what fits)."""
     cell = {k: copy.deepcopy(v) for k, v in config.items() if k != "resume"}
     cell["method"] = path.method_cfg
     cell["bench"] = {k: v for k, v in cell["bench"].items() if k not in GRID_KEYS}
@@ -43,6 +54,9 @@ def cell_config(config: dict, path, batch: int, seq_len: int, device_name: str, 
     kernel = path.method.run_stats().decode_kernel
     if kernel:
         cell["bench"]["decode_kernel"] = kernel
+    allocator = allocator_env()
+    if allocator:  # only when set: the cells measured under PyTorch's defaults keep their keys
+        cell["bench"]["allocator_env"] = allocator
     return cell
 
 

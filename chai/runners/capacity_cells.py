@@ -2,15 +2,13 @@
 fits) and the measurement at that batch against the roofline, and the one line printed as it is measured."""
 
 import copy
-import os
 
 from chai.records import records_by_key, succeeded
 from chai.roofline import kv_cache_bytes, percentiles, step_roofline
-from chai.runners.bench_cells import ratio
+from chai.runners.bench_cells import allocator_env, ratio
 from chai.runners.record import method_facts
 
 GRID_KEYS = ("seq_lens", "paths")  # not part of a cell's identity: a cell resumes across grids
-ALLOC_ENV = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # the caching allocator's settings (both names read)
 # The bench settings a capacity cell runs with (its own group holds new_tokens, warmup, repeats; the static step is
 # keyed as resolved).
 BENCH_KEYS = ("baseline_method", "compile_mode", "compile_backend", "input_seed")
@@ -20,12 +18,6 @@ def finished_cells(path) -> dict[str, dict]:
     """{key: record} of the capacity cells `path` holds that a run reuses: every one without an error (a cell where
     no batch fits is a result, not a failure)."""
     return records_by_key(path, lambda r: r.get("kind") == "capacity_cell" and succeeded(r))
-
-
-def allocator_env() -> dict[str, str]:
-    """The allocator settings this process runs under ({} for PyTorch's defaults): expandable segments, for one,
-    change the largest batch that fits (no fragmentation between prefill tensors of different sizes)."""
-    return {name: os.environ[name] for name in ALLOC_ENV if name in os.environ}
 
 
 def cell_config(config: dict, path, seq_len: int, device_name: str, step: str) -> dict:
