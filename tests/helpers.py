@@ -72,6 +72,18 @@ def evicting_decode(model, method, ids, prompt: int):
     return torch.cat(steps, dim=1), cache
 
 
+def assert_scores_and_decodes_like_mha(model, method, ids, prompt: int = 4):
+    """A setting under which the method changes nothing: scoring with its mask equals MHA exactly, and decoding into
+    its evicting cache equals it to rounding. Returns that cache (for what it kept)."""
+    with torch.no_grad():
+        dense = model(ids).logits
+        with method.applied(model):
+            scored = model(ids).logits
+            decoded, cache = evicting_decode(model, method, ids, prompt=prompt)
+    assert torch.equal(scored, dense) and torch.allclose(decoded, dense, atol=1e-5)
+    return cache
+
+
 def assert_right_padding_is_ignored(model, method, ids, real: int) -> None:
     """Row 1 right-padded after `real` tokens (lm-eval's layout) scores as the same row alone, and nothing is NaN."""
     padded, mask = ids.clone(), torch.ones_like(ids)

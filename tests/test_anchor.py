@@ -13,7 +13,8 @@ from chai.methods.base import RunContext
 from chai.preflight import model_config
 from tests.conftest import random_ids
 from tests.helpers import (assert_cache_holds_the_kept_tokens, assert_model_restored_after_applied,
-                           assert_one_line_error, assert_right_padding_is_ignored, compose_cfg, evicting_decode)
+                           assert_one_line_error, assert_right_padding_is_ignored, assert_scores_and_decodes_like_mha,
+                           compose_cfg, evicting_decode)
 
 ANCHORS = (11, 13)  # ids that stand for anchors in these tests
 ROW_ANCHORS = ((2, 5, 9), (3, 4, 12))  # where each row's anchors are
@@ -78,12 +79,7 @@ def test_scoring_respects_right_padding(tiny_llama):
 def test_no_anchor_is_mha(tiny_llama):
     model, _ = tiny_llama
     ids, m = ids_with_anchors(10, rows=((), ())), method()
-    with torch.no_grad():
-        dense = model(ids).logits
-        with m.applied(model):
-            scored = model(ids).logits
-            decoded, cache = evicting_decode(model, m, ids, prompt=4)
-    assert torch.equal(scored, dense) and torch.allclose(decoded, dense, atol=1e-5)
+    cache = assert_scores_and_decodes_like_mha(model, m, ids)
     assert cache.layers[0].positions.tolist() == [list(range(10))] * 2  # one open sentence: nothing evicted
 
 

@@ -11,7 +11,8 @@ from chai.methods.base import RunContext
 from chai.methods.sepcache import SepCache, StreamingLLM, separator_ids
 from tests.conftest import random_ids
 from tests.helpers import (assert_cache_holds_the_kept_tokens, assert_model_restored_after_applied,
-                           assert_one_line_error, assert_right_padding_is_ignored, compose_cfg, evicting_decode)
+                           assert_one_line_error, assert_right_padding_is_ignored, assert_scores_and_decodes_like_mha,
+                           compose_cfg, evicting_decode)
 
 SEPARATORS = (11, 13)  # ids that stand for separators in these tests
 
@@ -56,12 +57,7 @@ def test_scoring_respects_right_padding(tiny_llama):
 def test_a_window_over_the_whole_sequence_is_mha(tiny_llama):
     model, _ = tiny_llama
     ids, m = ids_with_separators(10), method(sinks=0, window=10, separated=True)
-    with torch.no_grad():
-        dense = model(ids).logits
-        with m.applied(model):
-            scored = model(ids).logits
-            decoded, cache = evicting_decode(model, m, ids, prompt=4)
-    assert torch.equal(scored, dense) and torch.allclose(decoded, dense, atol=1e-5)
+    cache = assert_scores_and_decodes_like_mha(model, m, ids)
     assert cache.layers[0].positions.tolist() == [list(range(1, 10))] * 2  # nothing the next token sees is gone
 
 
