@@ -15,6 +15,7 @@ from lm_eval.models.huggingface import HFLM
 
 from chai.attention import kv_bytes
 from chai.bench import CACHE_ARG
+from chai.generate import cache_for_generation
 from chai.paths import data_dir
 from chai.perplexity import token_perplexity
 from chai.tasks import require_window
@@ -76,8 +77,6 @@ class CountingHFLM(HFLM):
         """lm-eval's `generate_until` step, on the method's own cache (chai.generate): HFLM's call as it is (greedy
         unless the task samples, its stop sequences, the tokenizer's pad id, the left-padded batch's attention_mask),
         plus a fresh cache of the method. Counts the prompt and generated tokens (padded batch shape)."""
-        from chai.generate import cache_for_generation
-
         generation_kwargs.update(cache_for_generation(self.model, self.method))
         out = super()._model_generate(context, max_length, stop, **generation_kwargs)
         self.tokens_seen += out.numel()

@@ -35,7 +35,6 @@ newline (RULER generates to its budget); lm-eval 0.4's own `ruler` tasks downloa
 
 import hashlib
 import json
-import os
 import random
 from functools import lru_cache, partial
 from pathlib import Path
@@ -43,6 +42,7 @@ from pathlib import Path
 from chai.errors import did_you_mean, require
 from chai.long_context_tasks import TASKS
 from chai.paths import data_dir as default_data_dir
+from chai.paths import write_atomic
 
 SOURCES = {"c4": "c4/c4_validation_2k.jsonl", "wikitext2": "wikitext2/wikitext-2-raw-v1_test.jsonl"}
 HAYSTACK_CHARS_PER_TOKEN = 12  # text gathered per target token: > 2x what fits, and enough words for common_words
@@ -121,13 +121,6 @@ def generate(task: str, length: int, n: int, seed: int, tokenizer, data_dir=None
 
 def dumps(example: dict) -> str:
     return json.dumps(example, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temporary file and a rename: a concurrent run never reads half a file."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    temporary.write_bytes(data)
-    temporary.replace(path)
 
 
 def manifest_path(path: Path) -> Path:

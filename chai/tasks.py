@@ -20,7 +20,6 @@ several windows without a word: `require_window` fails in one line instead.
 """
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import yaml
 from chai.errors import ChaiError, did_you_mean, require
 from chai.long_context import METRIC, cached_task, check_inputs, source_path, tokenizer_fingerprint
 from chai.long_context import VERSION as LONG_CONTEXT_VERSION
-from chai.paths import cache_dir, data_dir, data_file
+from chai.paths import cache_dir, data_dir, data_file, write_atomic
 from chai.perplexity import C4_FILE, cached_c4_chunks, cached_wikitext_pages
 from chai.perplexity import VERSION as PERPLEXITY_VERSION
 
@@ -228,9 +227,7 @@ def task_folder(name: str, task_yaml: dict) -> Path:
     for filename, text in files.items():
         target = folder / filename
         if not target.exists() or target.read_text() != text:
-            partial = folder / f".{filename}.{os.getpid()}.partial"
-            partial.write_text(text)
-            partial.replace(target)  # atomic: a concurrent run never reads half a file
+            write_atomic(target, text.encode())
     return folder
 
 
