@@ -14,6 +14,8 @@ they take no sink or window slot, are never seen and are dropped at the first ev
 sees what it would alone.
 """
 
+from typing import ClassVar
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -122,6 +124,8 @@ class TokenMethod(Method):
 
     The ids reach the attention through a forward pre-hook on the model (registered in `on_apply`, removed in
     `on_remove`), which marks each forward's tokens and follows the sequence across forwards with a cache."""
+
+    family: ClassVar[str | None] = None  # the paper's name, the family of every variant's label (None: the label)
 
     def _start(self) -> None:
         """Called by a subclass's __post_init__: the state a run fills."""
@@ -245,6 +249,17 @@ class TokenMethod(Method):
         return {"requests": len(self._kept), "mean": float(kept.mean()), "min": int(kept.min()),
                 "median": float(kept.median()), "max": int(kept.max()),
                 "kept_fraction": float(kept.sum()) / max(1, sum(self._seen))}
+
+    def with_kept_facts(self, info: dict) -> dict:
+        """A subclass's `describe()` facts plus the kept-token statistics, once there are any."""
+        facts = self.kept_facts()
+        return {**info, "kept_tokens": facts} if facts else info
+
+    @classmethod
+    def display(cls, settings: dict, facts: dict | None = None) -> dict:
+        """Method's display with the paper's name as the family (labels carry the variant: training-free, ...)."""
+        shown = super().display(settings, facts)
+        return {**shown, "family": cls.family or shown["family"]}
 
     def run_stats(self) -> RunStats:
         facts = self.kept_facts()

@@ -113,12 +113,8 @@ class Anchor(TokenMethod):
     # -- facts and display -------------------------------------------------------------------------------------
 
     def describe(self) -> dict:
-        info = {"anchors": list(self.anchors), "anchor_ids": None if self._ids is None else len(self._ids),
-                "trained_anchors": self._trained}
-        facts = self.kept_facts()
-        if facts:
-            info["kept_tokens"] = facts
-        return info
+        return self.with_kept_facts({"anchors": list(self.anchors), "trained_anchors": self._trained,
+                                     "anchor_ids": None if self._ids is None else len(self._ids)})
 
     @classmethod
     def variant(cls, settings: dict) -> str:
@@ -129,4 +125,4 @@ class Anchor(TokenMethod):
         shown = super().display(settings, facts)
         if not (facts or {}).get("trained_anchors"):  # a base model: its anchors were never taught to summarise
             shown["label"] = shown["label"].replace(cls.label, f"{cls.label} (training-free)", 1)
-        return {**shown, "family": cls.family}
+        return shown

@@ -109,20 +109,13 @@ class SepCache(TokenMethod):
     # -- facts and display -------------------------------------------------------------------------------------
 
     def describe(self) -> dict:
-        info = {"separators": list(self.separators), "separator_ids": None if self._ids is None else len(self._ids)}
-        facts = self.kept_facts()
-        if facts:
-            info["kept_tokens"] = facts
-        return info
+        return self.with_kept_facts({"separators": list(self.separators),
+                                     "separator_ids": None if self._ids is None else len(self._ids)})
 
     @classmethod
     def variant(cls, settings: dict) -> str:
         text = f"window {settings.get('window')}, sinks {settings.get('sinks')}"
         return text if settings.get("separators", ("x",)) else f"{text}, no separators"
-
-    @classmethod
-    def display(cls, settings: dict, facts: dict | None = None) -> dict:
-        return {**super().display(settings, facts), "family": cls.family}
 
 
 @register
