@@ -215,3 +215,19 @@ def test_triton_kernel_path_in_a_fresh_interpreter():
                           env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}, timeout=900,
                           check=False)
     assert done.returncode == 0 and "KERNEL PATH OK" in done.stdout, (done.stdout + done.stderr)[-4000:]
+
+
+def test_fixed_membership_is_on_the_query_device(tiny_llama):
+    """A fixed grouping (chai_static, random_groups) is made on the CPU; the attention hands it to the GPU decode
+    kernel, which cannot read host memory (H200, 2026-12-02: chai_static's generation failed with "Pointer argument
+    cannot be accessed from Triton"). The `meta` device stands in for the GPU here."""
+    from chai.methods._chai_attention import membership_for
+
+    method = method_of({"name": "random_groups", "layer_clusters": [2, 3, 4]}, tiny_llama[0])
+    session = method._session_for(tiny_llama[0].config)
+    query = torch.empty(2, session.plan.shape.heads, 1, 8, device="meta")
+    for layer in range(3):
+        found = membership_for(session, layer, query, query, 1.0, past=5, layer=None)
+        assert {t.device.type for t in (found.labels, found.reps, found.kv_keep, found.rep_slot)} == {"meta"}
+        assert found.labels.shape[0] == 2
+    assert session.plan.fixed[0].labels.device.type == "cpu"  # the plan's own copy never moves

@@ -170,7 +170,7 @@ def membership_for(session: ChaiSession, layer_idx: int, query, key, scaling, pa
     real column under left padding (None: 0), when the prefill must hold every row's first m tokens."""
     plan = session.plan
     if plan.fixed is not None:
-        return plan.fixed_membership(layer_idx, query.shape[0])
+        return plan.fixed_membership(layer_idx, query.shape[0], query.device)
     m = plan.membership_tokens
     if layer is None and past > 0:
         raise ChaiError("CHAI decoding needs its own cache: pass past_key_values=method.make_cache(model).")

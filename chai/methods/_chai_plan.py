@@ -34,6 +34,8 @@ class ChaiPlan:
     causal_features: bool  # clustering features: causal attention rows over the first m tokens (else full rows)
     cluster_algo: str  # kmeans | agglomerative
     representative: str  # first | medoid
+    # Device copies of the fixed memberships (a cache, not a setting: `fixed` itself never changes).
+    _on_device: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         if self.fixed is not None:  # a read-only view: nothing changes a plan once it is made
@@ -42,9 +44,18 @@ class ChaiPlan:
     def is_clustered(self, layer: int) -> bool:
         return self.counts[layer] is not None
 
-    def fixed_membership(self, layer: int, batch: int) -> Membership:
-        """The fixed membership of `layer` for every request of a batch: labels [B, H], reps [B, C], ..."""
-        return self.fixed[layer].index(torch.zeros(batch, dtype=torch.long))
+    def fixed_membership(self, layer: int, batch: int, device: torch.device | None = None) -> Membership:
+        """The fixed membership of `layer` for every request of a batch: labels [B, H], reps [B, C], ..., on
+        `device` (default: where the plan made it, the CPU). The decode kernel reads it on the GPU, so each layer's
+        copy is moved there once per device, not on every forward."""
+        one = self.fixed[layer]
+        if device is not None and one.labels.device != torch.device(device):
+            key = (layer, str(device))
+            if key not in self._on_device:
+                self._on_device[key] = Membership(*(t.to(device) for t in (one.labels, one.reps, one.kv_keep,
+                                                                             one.rep_slot)))
+            one = self._on_device[key]
+        return one.index(torch.zeros(batch, dtype=torch.long, device=one.labels.device))
 
     def kept_k_heads(self, layer: int) -> int:
         """KV heads whose K a layer stores: every one in a dense layer, the exact count with a fixed membership."""
