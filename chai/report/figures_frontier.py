@@ -6,6 +6,13 @@ Panels: each task, then the mean over the tasks with its 95% interval (chai/repo
 stored per token of context (measured in a real cache); bottom row: bytes a decode step reads per token of context
 (stored x the share the method reads, `loading.read_fraction`). One line per method family (display family, colour,
 order), its configs sorted by x; the baseline a star and a dashed line.
+
+A cache that evicts tokens keeps whole tokens, each at the full per-token size: on each task it stores the baseline's
+measured bytes per token (a cache that keeps every token, same model and K,V layout) x the share of the task's
+tokens it kept (`loading.kept_fraction`). Its own probe cannot say this: the probe's random ids hold what the
+eviction rule keeps of 256 random tokens, not of the task's prompts. Prompts of other lengths keep other shares,
+so a task's panel places it at that task's bytes, and the mean panel (and the savings table) at the mean over the
+mean's tasks of the per-task bytes.
 """
 
 import math
@@ -24,6 +31,8 @@ from chai.report.tables import parts, stem_for
 KIB = 1024
 AXES = (("stored", "K,V stored per token of context (KiB)"),
         ("read", "K,V read per decode step, per token of context (KiB)"))
+KEPT_NOTE = ("A cache that evicts tokens: the baseline's bytes per token x the share of the task's tokens it kept; "
+             "in the mean panel, the mean over the tasks of those bytes.")
 
 
 @dataclass
@@ -39,13 +48,35 @@ class Config:
     is_base: bool = False
     mean: stats.Estimate | None = None  # over the mean's tasks; None when one is not recorded
     diff: stats.Estimate | None = None  # mean over tasks of (this - baseline)
+    tasks: list = field(default_factory=list)  # the mean's tasks (`configs`)
+    full_bytes: float = math.nan  # the baseline's bytes per token: what an evicting cache's every kept token holds
 
     def x(self, axis: str, task: str | None = None) -> float:
-        """Bytes per token stored or read, on one task or (None) averaged over the tasks recorded."""
-        rows = [self.rows[task]] if task else list(self.rows.values())
-        stored = np.array([r["kv_measured"] for r in rows], dtype=float)
-        read = stored * np.array([r["read_fraction"] for r in rows], dtype=float)
+        """Bytes per token stored or read, on one task or (None) the mean over the per-task bytes of the mean's tasks
+        it has recorded (all it has when none: it still needs a place in the per-task table)."""
+        chosen = [task] if task else [t for t in self.tasks if t in self.rows] or list(self.rows)
+        stored = np.array([self.stored(t) for t in chosen], dtype=float)
+        read = stored * np.array([self.rows[t]["read_fraction"] for t in chosen], dtype=float)
         return float(np.mean(stored if axis == "stored" else read))
+
+    def stored(self, task: str) -> float:
+        """Bytes per token stored on `task`: measured in a real cache, or for an evicting cache the baseline's bytes
+        per token x the share of the task's tokens it kept (NaN without a baseline)."""
+        row = self.rows[task]
+        if not kept(row):
+            return float(row["kv_measured"])
+        return self.full_bytes * float(row["kept_fraction"])
+
+    @property
+    def evicts(self) -> bool:
+        """Whether its stored bytes come from kept tokens (they differ by task), not a fixed size per token."""
+        return any(kept(row) for row in self.rows.values())
+
+
+def kept(row) -> bool:
+    """Whether a frame row is an evicting cache's (frames built before the column existed have none)."""
+    return pd.notna(row.get("kept_fraction", math.nan))
+
 
 
 def spec() -> dict:
@@ -123,9 +154,11 @@ def configs(part: pd.DataFrame, metric: str) -> tuple[list[Config], list[str]]:
         config.rows[row["task"]] = row
     tasks = ordered_tasks(set(spec()["tasks"]) & set(part["task"]))
     for config in found.values():
+        config.tasks = tasks
         config.mean = _estimate(config, tasks, metric)
     base = next((c for c in found.values() if c.is_base), None)
     for config in found.values():
+        config.full_bytes = math.nan if base is None else base.x("stored")  # the same on every task: one probe
         config.diff = None if base is None else _difference(config, base, tasks, metric)
     return sorted(found.values(), key=lambda c: (c.order, c.family, c.label)), tasks
 
@@ -191,7 +224,7 @@ def frontier_figure(found: list[Config], tasks: list[str], title: str, metric: s
     handles = [(Line2D([], [], color=c, marker=m, markersize=4), family) for family, (c, m) in styles.items()]
     base = [(Line2D([], [], color=c.color or "gray", marker="*", linestyle="--"), c.label) for c in found
             if c.is_base][:1]
-    figure_legend(fig, handles + base)
+    figure_legend(fig, handles + base, note=KEPT_NOTE if any(c.evicts for c in found) else None)
     figure_title(fig, title)
     return fig
 

@@ -1,7 +1,9 @@
 """The frontier's per-task table (report.yaml `frontier`): every config of one model and K,V layout, its K,V bytes
 stored and read as shares of the baseline's, and its difference from the baseline on each task with the paired
 bootstrap 95% interval. The last column answers the paper's bound: the worst task's difference, and whether every
-task stays within `frontier.bound` points (the paper's 3.2; we hold 3). Same records as the frontier figure."""
+task stays within `frontier.bound` points (the paper's 3.2; we hold 3). Same records as the frontier figure. A cache
+that evicts tokens keeps a different share on each task: its task cells also give what it stored there, marked
+"(kept)", and its K,V columns the mean over the tasks."""
 
 from pathlib import Path
 
@@ -10,9 +12,8 @@ import pandas as pd
 from chai.report import figures_frontier as frontier
 from chai.report import stats
 from chai.report.figures_frontier import Config
-from chai.report.savings_table import ratio
+from chai.report.savings_table import KEPT_NOTE, ratio, share_cell
 from chai.report.style import task_label
-from chai.report.tables import share_text
 
 SAME_BYTES = 0.005  # two configs whose stored shares differ by no more than this store "the same bytes"
 
@@ -57,13 +58,21 @@ def _same_bytes_pairs(found: list[Config], base: Config, tasks: list[str], metri
             if mean is None or None in found_diffs:
                 continue
             cells = [_interval_text(d) for d in [*found_diffs, mean]]
-            lines.append("| " + " | ".join([first.label, second.label, share_text(ratio(first, base, "stored")),
+            lines.append("| " + " | ".join([first.label, second.label, share_cell(first, base, "stored"),
                                              *cells]) + " |")
     if not lines:
         return []
     head = ["Setting", "against", "K,V stored", *map(task_label, tasks), f"mean of {len(tasks)}"]
     return ["", "Same K,V bytes stored, different families (first minus second, points):", "",
             "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *lines]
+
+
+def _with_kept_share(text: str, config: Config, base: Config, task: str) -> str:
+    """A task's cell of an evicting cache also gives what it stored on that task: its kept share differs by task,
+    so the stored column's mean alone would misplace it."""
+    if not config.evicts or task not in config.rows:
+        return text
+    return f"{text}; stored {share_cell(config, base, 'stored', task)}"
 
 
 def _interval_text(found: stats.Estimate) -> str:
@@ -80,9 +89,10 @@ def to_markdown(title: str, found: list[Config], tasks: list[str], metric: str) 
     for config in sorted((c for c in found if not c.is_base),
                          key=lambda c: (c.order, c.family, -ratio(c, base, "stored"), c.label)):
         cells = [_cell(config, base, t, metric) for t in tasks]
-        shares = [share_text(ratio(config, base, axis)) for axis in ("stored", "read")]
-        lines.append("| " + " | ".join([config.label, *shares, *(text for text, _ in cells),
-                                         _verdict([d for _, d in cells], bound)]) + " |")
+        shares = [share_cell(config, base, axis) for axis in ("stored", "read")]
+        texts = [_with_kept_share(text, config, base, t) for (text, _), t in zip(cells, tasks)]
+        verdict = _verdict([d for _, d in cells], bound)
+        lines.append("| " + " | ".join([config.label, *shares, *texts, verdict]) + " |")
     lines += _same_bytes_pairs(found, base, tasks, metric)
     caption = (f"Difference from {base.family} in points of lm-eval `{metric}` on each task (full sets), with "
                f"its paired bootstrap 95% interval over the task's items; —: not recorded. K,V stored: measured cache "
@@ -90,6 +100,7 @@ def to_markdown(title: str, found: list[Config], tasks: list[str], metric: str) 
                f"and whether every task stays within {bound:g} points of {base.family}. Same bytes: configs of two "
                f"families whose stored shares differ by at most {SAME_BYTES * 100:g} points, the mean difference "
                f"(first minus second) with items paired within each task.")
+    caption += f" {KEPT_NOTE}" if any(c.evicts for c in found) else ""
     return "\n".join(lines + ["", caption, ""])
 
 

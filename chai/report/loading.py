@@ -155,6 +155,17 @@ def read_fraction(record: dict) -> float:
     return 1.0
 
 
+def kept_fraction(record: dict) -> float:
+    """The share of the tokens seen that an evicting cache kept over the run (`kept_tokens.kept_fraction`, in
+    `run_stats.extra`, else `method_info`); NaN for a cache that keeps every token. Its `kv_bytes_per_token` comes
+    from a probe that never evicts, so this share is what turns it into the bytes the cache held."""
+    for source in ((record.get("run_stats") or {}).get("extra") or {}, record.get("method_info") or {}):
+        kept = source.get("kept_tokens")
+        if isinstance(kept, dict) and isinstance(kept.get("kept_fraction"), (int, float)):
+            return float(kept["kept_fraction"])
+    return math.nan
+
+
 def _ok(record: dict) -> bool:
     return not record.get("error") and not record.get("oom")
 
@@ -176,7 +187,7 @@ def eval_frame(records: list[dict], calibrations: dict | None = None) -> pd.Data
             "n_examples": r.get("n_examples"),
             "kv_measured": (kv.get("measured") or {}).get("total", math.nan),
             "kv_analytic": (kv.get("analytic") or {}).get("total", math.nan),
-            "read_fraction": read_fraction(r), **kv_layout(r, calibrations),
+            "read_fraction": read_fraction(r), "kept_fraction": kept_fraction(r), **kv_layout(r, calibrations),
             "items": r.get("items") if isinstance(r.get("items"), dict) else None,
             "compute": attention_compute(r, calibrations),
             "time": r.get("time"), "run_id": r.get("run_id"), "experiment": r.get("experiment"),

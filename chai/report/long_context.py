@@ -21,7 +21,8 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.lines import Line2D
 
-from chai.report.loading import baseline, display_of, latest, matching, report_config, settings_key, settings_of
+from chai.report.loading import (baseline, display_of, kept_fraction, latest, matching, report_config, settings_key,
+                                 settings_of)
 from chai.report.style import figure_legend, figure_title, method_styles, plt, save, task_label
 
 MIB = 2**20
@@ -48,15 +49,6 @@ def score_of(metrics: dict) -> tuple[str | None, float]:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return name, float(value)
     return None, math.nan
-
-
-def kept_fraction(record: dict) -> float:
-    """The share of the tokens seen that an evicting cache kept over the run (NaN for a cache that keeps all)."""
-    for source in ((record.get("run_stats") or {}).get("extra") or {}, record.get("method_info") or {}):
-        kept = source.get("kept_tokens")
-        if isinstance(kept, dict) and isinstance(kept.get("kept_fraction"), (int, float)):
-            return float(kept["kept_fraction"])
-    return math.nan
 
 
 def frame(records: list[dict]) -> pd.DataFrame:

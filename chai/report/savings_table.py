@@ -1,7 +1,8 @@
 """The matched-savings table (report.yaml `frontier.savings`): for each saving level and method family, the most
 accurate config (mean over the tasks) that saves at least that share of the baseline's K,V bytes, stored or read per
 decode step. It answers "at 50% less K,V, which method keeps most accuracy, and with which setting", from the same
-records as the frontier figure."""
+records as the frontier figure. A cache that evicts tokens keeps a different share of each task's tokens: it is
+ranked by the mean over the tasks of its per-task bytes (figures_frontier.Config.x), marked "(kept, mean)"."""
 
 from pathlib import Path
 
@@ -13,11 +14,21 @@ from chai.report.style import task_label
 from chai.report.tables import share_text
 
 TOLERANCE = 1e-9  # a config measured at exactly the level counts as saving it
+KEPT_NOTE = ("(kept): a cache that evicts tokens; its K,V stored is the baseline's bytes per token x the share of the "
+             "tokens it kept, measured over the task's requests, not a fixed size per token; (kept, mean): the mean "
+             "of those per-task shares over the tasks it was recorded on.")
 
 
-def ratio(config: Config, base: Config, axis: str) -> float:
-    """Bytes per token stored or read, as a share of what the baseline stores."""
-    return config.x(axis) / base.x("stored")
+def ratio(config: Config, base: Config, axis: str, task: str | None = None) -> float:
+    """Bytes per token stored or read, on one task or (None) the mean over the tasks, as a share of what the baseline
+    stores."""
+    return config.x(axis, task) / base.x("stored")
+
+
+def share_cell(config: Config, base: Config, axis: str, task: str | None = None) -> str:
+    """`ratio` as table text; an evicting cache's marked, so that nobody reads it as a fixed size per token."""
+    text = share_text(ratio(config, base, axis, task))
+    return text if not config.evicts else f"{text} (kept)" if task else f"{text} (kept, mean)"
 
 
 def pick(found: list[Config], family: str, base: Config, axis: str, level: float) -> Config | None:
@@ -39,7 +50,7 @@ def _row(level: str, family: str, config: Config | None, base: Config) -> str:
     if config is None:
         return f"| {level} | {family} | none recorded saves this much | | | | |"
     diff = "" if config.is_base else _points(config.diff, signed=True)
-    shares = [share_text(ratio(config, base, axis)) for axis in ("stored", "read")]
+    shares = [share_cell(config, base, axis) for axis in ("stored", "read")]
     return "| " + " | ".join([level, family, config.label, _points(config.mean), diff, *shares]) + " |"
 
 
@@ -72,6 +83,7 @@ def caption(found: list[Config], tasks: list[str], metric: str, base: Config) ->
             f"difference). n/a: a record without per-item outcomes; a mean's interval then comes from the recorded "
             f"standard errors. "
             f"K,V stored / read: share of {base.family}'s stored bytes.")
+    text += f" {KEPT_NOTE}" if any(c.evicts for c in found) else ""
     return text + (f" Not recorded on every task, left out: {', '.join(left_out)}." if left_out else "")
 
 
