@@ -47,6 +47,7 @@ class AttnShape:
 # id -> weak reference of the masks built plain causal: no padding, no window (a tensor's == is elementwise, so a
 # WeakSet, which compares members with ==, cannot hold them)
 _PLAIN_CAUSAL: dict[int, weakref.ref] = {}
+_FROM_START: set[int] = set()  # ids of those plain masks whose query rows and keys both start at position 0
 
 
 @functools.cache
@@ -71,8 +72,20 @@ def bool_causal_mask(*args, **kwargs):
              and given.get("mask_function", causal_mask_function) is causal_mask_function)
     if plain and mask is not None:
         key = id(mask)
-        _PLAIN_CAUSAL[key] = weakref.ref(mask, lambda _, key=key: _PLAIN_CAUSAL.pop(key, None))
+        _PLAIN_CAUSAL[key] = weakref.ref(mask, lambda _, key=key: (_PLAIN_CAUSAL.pop(key, None),
+                                                                   _FROM_START.discard(key)))
+        if _starts_at_zero(given, sdpa_mask):
+            _FROM_START.add(key)
     return mask
+
+
+def _starts_at_zero(given: dict, builder) -> bool:
+    """Whether a mask's query rows and keys start at position 0 (transformers' `q_offset`, `kv_offset`; a static
+    cache passes q_offset as a one-element tensor, which transformers' own mask reads too). False on a release
+    whose mask builder has no such arguments."""
+    if "q_offset" not in _signature(builder).parameters:
+        return False
+    return all(int(given.get(name, 0)) == 0 for name in ("q_offset", "kv_offset"))
 
 
 def plain_causal(mask: torch.Tensor | None) -> bool:
@@ -84,6 +97,12 @@ def plain_causal(mask: torch.Tensor | None) -> bool:
         return False
     known = _PLAIN_CAUSAL.get(id(mask))
     return known is not None and known() is mask
+
+
+def causal_from_start(mask: torch.Tensor | None) -> bool:
+    """Whether `mask` is plain causal with its query rows at positions 0..Tq-1 over keys from position 0 (a prompt's
+    first forward): then rows see only the first Tq keys, whatever a static cache holds after them."""
+    return mask is not None and plain_causal(mask) and id(mask) in _FROM_START
 
 
 def additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | float:
@@ -111,6 +130,12 @@ def dense(module, query, key, value, mask, scaling, dropout=0.0, **kwargs):
     alone."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    tq = query.shape[2]
+    if tq > 1 and causal_from_start(mask):
+        # What transformers' own mask gives MHA here: no mask, is_causal over the first Tq keys, so CUDA runs flash
+        # attention. A static cache's keys run past the prompt; the explicit mask over them was ~3x slower (H200,
+        # LLaMA-7B, 8 x 4096: 7.3 ms a layer against MHA's 2.25), and the keys after Tq are masked anyway.
+        key, value, mask = key[:, :, :tq], value[:, :, :tq], None
     return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
 
 

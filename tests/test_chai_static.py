@@ -231,3 +231,39 @@ def test_fixed_membership_is_on_the_query_device(tiny_llama):
         assert {t.device.type for t in (found.labels, found.reps, found.kv_keep, found.rep_slot)} == {"meta"}
         assert found.labels.shape[0] == 2
     assert session.plan.fixed[0].labels.device.type == "cpu"  # the plan's own copy never moves
+
+
+def sdpa_calls(run) -> list[tuple]:
+    """(key length, mask given, is_causal) of every SDPA call `run()` makes, in order."""
+    from unittest import mock
+
+    import torch.nn.functional as F
+
+    calls, real = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+        calls.append((k.shape[2], attn_mask is not None, is_causal))
+        return real(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kwargs)
+
+    with mock.patch.object(F, "scaled_dot_product_attention", spy), torch.no_grad():
+        run()
+    return calls
+
+
+def test_a_methods_dense_layer_prefills_a_static_cache_as_mha_does(tiny_llama):
+    """A layer a method leaves dense runs transformers' SDPA call for MHA: over the prompt's keys, no mask, is_causal
+    (flash attention on CUDA). With the explicit mask over a static cache's whole length it was ~3x slower on the
+    H200 (CHAI with the Dec-24 list, 8 x 4096: TTFT 1115 ms against 1031)."""
+    model = tiny_llama[0]
+    ids, length = random_ids(2, 9, VOCAB, seed=3), 16
+    full = build_method({"name": "mha"}).static_cache(model, 2, length)
+    mha = sdpa_calls(lambda: model(ids, past_key_values=full))
+    method = method_of({"name": "random_groups", "layer_clusters": [8, 2, 8]}, model)  # layers 0 and 2: dense
+
+    def chai_prefill():
+        with method.applied(model):
+            model(ids, past_key_values=method.static_cache(model, 2, length))
+
+    calls = sdpa_calls(chai_prefill)
+    assert mha == [(9, False, True)] * 3
+    assert calls[0] == calls[-1] == mha[0]
