@@ -1,6 +1,7 @@
 """The decode loop mode=bench times, written the way gpt-fast writes generate.py: a small `prefill`,
 `decode_one_token` and `decode_n_tokens`, and the per-token step of a static path captured once (a CUDA graph) or
-compiled (`torch.compile` of the step only), on a cache allocated once at its full size.
+compiled (`torch.compile` of the step only), on a cache allocated once at its full size; and `RecomputeStep`, the
+baseline without a cache that recomputes the whole sequence at every step.
 
 Static-path step (`bench.static_step`): `auto` compiles on CUDA (inductor, reduce-overhead: fused norms and rotary,
 replayed as a CUDA graph) and runs eagerly on the CPU; `cudagraph` captures the eager step; `compile`; `eager`.
@@ -27,8 +28,10 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def prefill(model, input_ids: torch.Tensor, cache) -> torch.Tensor:
-    """Run the prompt [B, S] through the model into `cache`; only the last position's logits are computed."""
-    return greedy(model(input_ids=input_ids, **{CACHE_ARG: cache}, use_cache=True, logits_to_keep=1).logits)
+    """Run the prompt [B, S] through the model into `cache` (None: keep no K,V at all); only the last position's
+    logits are computed."""
+    return greedy(model(input_ids=input_ids, **{CACHE_ARG: cache}, use_cache=cache is not None,
+                        logits_to_keep=1).logits)
 
 
 def decode_one_token(model, token: torch.Tensor, position: torch.Tensor, cache) -> torch.Tensor:
@@ -56,6 +59,20 @@ class EagerStep:
             return decode_one_token(self.model, token, position, self.cache), position + 1
         # The compiled step's output lives in its CUDA-graph pool and is overwritten by the next replay.
         return self.fn(token, position).clone(), position + 1
+
+
+class RecomputeStep:
+    """Decoding without a K,V cache, the baseline AnLLM's and similar "x times faster" figures are measured against:
+    every step runs the whole sequence so far (prompt [B, S] and the tokens generated) through the model again and
+    keeps only the next token. A cache-free forward is a prefill, so its cost grows with the sequence, not the
+    step; it yields the tokens a cache would (the same greedy argmax), and holds no K,V between steps."""
+
+    def __init__(self, model, prompt: torch.Tensor):
+        self.model, self.ids = model, prompt
+
+    def __call__(self, token, position):
+        self.ids = torch.cat([self.ids, token], dim=1)  # [B, S + steps so far]
+        return prefill(self.model, self.ids, None), position + 1
 
 
 def capture_graph(fn, warmup: int):

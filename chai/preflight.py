@@ -4,7 +4,7 @@ the resume check, so neither a finished record nor a missing file hides the othe
 Cheapest first: values (no imports), then files (data, hub caches, the model's config: JSON or a GGUF header,
 never weights), and last the method against the model's shape, which imports the methods (torch) the run needs
 anyway. Which files a mode needs: eval the task's data (or a cached hub copy), calibrate and membership the C4
-corpus, bench none; every mode a model and its tokenizer.
+corpus, bench none (C4 for a text prompt); every mode a model and its tokenizer (bench only for a text prompt).
 """
 
 import json
@@ -36,9 +36,16 @@ def preflight(cfg) -> None:
     if cfg.mode == "eval":
         check_eval(cfg)
     check_data(cfg)
-    config = model_config(cfg.model, cfg.offline, needs_tokenizer=cfg.mode not in ("bench", "capacity"))
+    config = model_config(cfg.model, cfg.offline, needs_tokenizer=needs_tokenizer(cfg))
     if cfg.mode in ("eval", "bench", "capacity"):
         check_methods(cfg, config)
+
+
+def needs_tokenizer(cfg) -> bool:
+    """Every mode reads text but bench (unless its prompt is text) and capacity (random token ids)."""
+    if cfg.mode == "bench":
+        return cfg.bench.get("prompt") == "text"
+    return cfg.mode != "capacity"
 
 
 def is_count(value, low: int = 1) -> bool:
@@ -75,6 +82,10 @@ def check_data(cfg) -> None:
     elif cfg.mode in ("calibrate", "membership"):
         corpus = cfg.mode == "membership" and cfg.membership.corpus  # null: the calibration corpus
         data_file(corpus or cfg.calibration.corpus, cfg.data_dir)
+    elif cfg.mode == "bench" and cfg.bench.get("prompt") == "text":
+        from chai.perplexity import C4_FILE  # the text prompt's source (chai/runners/bench_prompt.py)
+
+        data_file(C4_FILE, cfg.data_dir)
 
 
 def check_task_data(cfg) -> None:
@@ -117,7 +128,8 @@ def model_config(model_cfg, offline: bool = True, needs_tokenizer: bool = True):
     if model_cfg.get("arch") and (model_cfg.init == "random" or model_cfg.source == "config"):
         fields = dict(model_cfg.arch)
         if needs_tokenizer and tokenizer == "self" and model_cfg.source == "hub":  # random weights, real tokenizer
-            hub_config(model_cfg, offline, "model.init=random needs no weights, but this mode needs the tokenizer")
+            hub_config(model_cfg, offline, "model.init=random needs no weights, but this mode needs the tokenizer "
+                                           "(or borrow one: ++model.tokenizer=smollm2)")
     elif model_cfg.source == "gguf_package":
         fields = gguf_config(model_cfg)
     else:

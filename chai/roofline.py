@@ -235,7 +235,8 @@ class Allocator:
 
 def kv_cache_bytes(method, model, batch: int, tokens: int, measured: dict | None) -> dict:
     """K,V bytes of the cache: analytic (the method's `kv_bytes` for batch x tokens), measured from the cache
-    tensors and the allocator, and what the method saves against dense MHA."""
+    tensors and the allocator, what the method saves against dense MHA, and the share of dense bytes it holds
+    (`held_fraction`, measured: a method that evicts tokens keeps this share of them)."""
     dtype_bytes = model.dtype.itemsize
     expected = method.kv_bytes(model.config, batch, tokens, dtype_bytes)
     dense = AttnShape.of(model.config).dense_kv_bytes_per_token(dtype_bytes)
@@ -247,6 +248,7 @@ def kv_cache_bytes(method, model, batch: int, tokens: int, measured: dict | None
         "tokens": tokens, "analytic": analytic, "analytic_k": expected["k"], "analytic_v": expected["v"], **measured,
         "dense_analytic": dense_total, "saved_analytic": dense_total - analytic,
         "saved_measured": None if held is None else dense_total - held,
+        "held_fraction": None if held is None or not dense_total else held / dense_total,
     }
 
 

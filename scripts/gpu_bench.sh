@@ -9,6 +9,10 @@
 #       'bench.batch_sizes=[1,8]'            # one method on another model (bench.static_step=eager over 2 GPUs)
 #   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True GRID=core bash scripts/gpu_bench.sh model=llama33b ...
 #                                            # near the memory limit (a cell's key and record then name the setting)
+#   GRID=token_methods bash scripts/gpu_bench.sh   # SepLLM, StreamingLLM, AnLLM-EP with real eviction on C4 text
+#                                            # against full-cache MHA and, apart, recomputation: batch 1/8 x 4k/8k on
+#                                            # the Llama-2-7B shape, ~6 min; needs SmolLM2's tokenizer and C4 here
+#                                            # (gpu_carry.sh's gguf parts and data.tgz, unpacked by gpu_setup.sh)
 # Writes $OUT/results/bench/runs.jsonl (copy it to results/bench/runs.jsonl of the repository), $OUT/bench.log and
 # $OUT/bench_table.md. Records accumulate in RESULTS (default outputs/gpu_bench, git-ignored: kept on a warm machine
 # between calls) and recorded cells are reused, so a call cut short by BUDGET_S (default 540 s) goes on in the next.

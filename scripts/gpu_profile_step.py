@@ -25,8 +25,9 @@ from hydra import compose, initialize_config_dir
 
 from chai.methods import build_method
 from chai.roofline import Allocator, Clock, percentiles
-from chai.runners.bench import plan, prompt_ids
+from chai.runners.bench import plan
 from chai.runners.bench_measure import Decoder, set_attn
+from chai.runners.bench_prompt import random_ids
 from chai.runners.setup import setup
 
 
@@ -63,7 +64,7 @@ def profile_path(name: str, kind: str, overrides: list[str], args) -> None:
     baseline = build_method({"name": cfg.bench.baseline_method})
     baseline.prepare(model, ready.context)
     (path,), _ = plan(cfg, ready.method, baseline, default_attn)
-    ids = prompt_ids(model, args.batch, args.seq, int(cfg.bench.input_seed))
+    ids = random_ids(model, args.batch, args.seq, int(cfg.bench.input_seed))
     clock = Clock(model.device)
     on_gpu = model.device.type == "cuda"  # on a CPU (a rehearsal) the profiler sees the CPU side only
     activities = ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else []) + (

@@ -233,13 +233,22 @@ class TokenMethod(Method):
 
     def kv_bytes(self, config, batch: int, tokens: int, dtype_bytes: int) -> dict:
         """batch x max(kept) tokens (the cache pads requests to the longest), kept counted by the rule from the ids
-        of the last sequence seen when it has this shape, else `unknown_kept(tokens)`."""
+        of the last sequence seen when it has `batch` rows and at least `tokens` tokens (from its first `tokens`:
+        what the cache held at that length, e.g. after the prompt of a prefill and decode), else
+        `unknown_kept(tokens)`."""
         marks = self._marks
         kept = self.unknown_kept(tokens)
-        if marks is not None and tuple(marks.shape) == (batch, tokens) and batch:
+        if marks is not None and marks.shape[0] == batch and marks.shape[1] >= tokens and batch:
             kept = int(self.kept_tokens(marks, torch.full((batch,), tokens, device=marks.device)).max())
         per_token = AttnShape.of(config).dense_kv_bytes_per_token(dtype_bytes)
         return {name: batch * kept * value for name, value in per_token.items()}
+
+    def prompt_facts(self, ids) -> dict:
+        """The share of a prompt's tokens [B, S] the rule marks (separators, anchors) and how many ids it marks."""
+        if self._ids is None:
+            return {}
+        marked = torch.isin(ids, self._ids.to(ids.device))
+        return {"marked_fraction": float(marked.float().mean()) if ids.numel() else 0.0, "marked_ids": len(self._ids)}
 
     def kept_facts(self) -> dict | None:
         """Tokens kept per request over the run: mean, min, median, max, and the kept share of the tokens seen."""

@@ -30,8 +30,8 @@ Parameters
 - anchors: the anchor texts ("\\n" also matches tokens of only whitespace with a newline).
 
 K,V bytes: per request kept = anchors + tokens after the last anchor, stored padded to the longest request.
-`kv_bytes` counts them from the ids of the last sequence the method saw when its shape matches (exact), else as if
-no token were an anchor (every token kept: an upper bound).
+`kv_bytes` counts them from the ids of the last sequence the method saw when it has the batch and at least the
+tokens asked for (exact: its first tokens), else as if no token were an anchor (every token kept: an upper bound).
 """
 
 from dataclasses import dataclass
@@ -94,7 +94,7 @@ class Anchor(TokenMethod):
     def prepare(self, model, context=None) -> None:
         tokenizer = getattr(context, "tokenizer", None)
         require(tokenizer is not None, "anchor: finding the anchor tokens needs the model's tokenizer (none "
-                                       "offline): set model.path, or +model.tokenizer=<a model> for random weights.")
+                                       "offline): set model.path, or ++model.tokenizer=smollm2 for random weights.")
         self._ids = separator_ids(tokenizer, self.anchors)
         self._trained = str(getattr(context, "model_name", "")).startswith(f"anllm_{self.kind}")  # conf/model/
 

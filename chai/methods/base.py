@@ -14,6 +14,7 @@ fail before any model loads). Every hook has a default, so a method overrides on
 | `kv_bytes(config, batch, tokens, dtype_bytes)` | every K and V head | K,V bytes held for `batch` requests of `tokens` tokens (analytic) |
 | `kv_bytes_read(config, batch, context, dtype_bytes)` | = `kv_bytes` | bytes one decode step reads (the roofline) |
 | `set_prompt_lengths(lengths)` | stored | lm-eval scoring: per row, how many leading tokens are prompt (None: unknown) |
+| `prompt_facts(ids)` | {} | bench: what the method makes of a cell's prompt (a token method: the share it marks) |
 | `run_stats()` | `RunStats()` | counters for the record: clustering time, decode kernel settings, K,V read fraction |
 | `label`, `order`, `color`, `variant(settings)`, `display(settings, facts)` | the name | how tables and figures show the method (stored in records) |
 | `describe()` | {} | free-form facts for the record (chosen clusters, ...) |
@@ -116,6 +117,10 @@ class Method:
         forward with a cache as a decode step. Default: stored as `_prompt_lengths`, nothing else; only a method
         that treats prompt and generated tokens differently (SparQ sparsifies decode steps only) reads it."""
         self._prompt_lengths = lengths
+
+    def prompt_facts(self, ids) -> dict:
+        """What the method makes of a prompt batch `ids` [B, S], for a bench cell's record. Default: nothing."""
+        return {}
 
     def run_stats(self) -> RunStats:
         return RunStats()

@@ -10,6 +10,11 @@ Paths (`bench.paths`), each one cell record per (batch, seq_len):
 - `method`: the method under test with its own attention and cache (comparable to `sdpa`).
 - `method_static`: the method's static cache with the same captured step (comparable to `static_compiled`), when the
   method has one (`has_static_cache()`).
+- `recompute`: the baseline with no cache at all, every step re-running the whole sequence (chai.bench's
+  `RecomputeStep`): the reference some papers' speedups are against (AnLLM's), recorded and compared apart from
+  the baseline paths (bench_cells.py), never the headline.
+The prompt is random token ids or real text (`bench.prompt`, bench_prompt.py): a method that keeps tokens by what
+they are (separators, sentence ends) evicts as on real text only on text.
 Each cell is a result of its own on the record path every mode uses (chai/runners/record.py): a cell already
 recorded with the same settings is reused (resume), a cell that fails or runs out of memory is a record with `error`
 (and `oom`) and the grid goes on. The parts: the decode loop (chai/bench.py), one cell's measurement
@@ -20,7 +25,6 @@ and `kv_bytes_read` (chai/roofline.py).
 import time
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
 from chai import bench
@@ -28,22 +32,26 @@ from chai.errors import ChaiError, did_you_mean
 from chai.methods import build_method
 from chai.records import append_jsonl, run_key
 from chai.roofline import copy_bandwidth, matmul_rate, matrix_params, weight_bytes_per_step, weight_read_bandwidth
-from chai.runners.bench_cells import (BASELINE_PATHS, COMPARABLE, METHOD_PATHS, annotate, cell_config, cell_line,
-                                      cell_record, cell_summary, finished_cells)
+from chai.runners.bench_cells import (BASELINE_PATHS, COMPARABLE, METHOD_PATHS, RECOMPUTE, annotate, cell_config,
+                                      cell_line, cell_record, cell_summary, finished_cells)
 from chai.runners.bench_measure import BenchPath, measure_safely
+from chai.runners.bench_prompt import PROMPTS, Prompts
 from chai.runners.record import method_facts, start
 from chai.runners.setup import setup
 
 STEPS = ("auto", "cudagraph", "compile", "eager")
+PATHS = (*BASELINE_PATHS, RECOMPUTE, *METHOD_PATHS)
 
 
 def check(bcfg) -> None:
     """Bad bench settings fail before any model loads."""
     for name in bcfg.paths:
-        if name not in BASELINE_PATHS + METHOD_PATHS:
-            raise did_you_mean("bench path", name, BASELINE_PATHS + METHOD_PATHS)
+        if name not in PATHS:
+            raise did_you_mean("bench path", name, PATHS)
     if bcfg.static_step not in STEPS:
         raise did_you_mean("bench.static_step", bcfg.static_step, STEPS)
+    if bcfg.prompt not in PROMPTS:
+        raise did_you_mean("bench.prompt", bcfg.prompt, PROMPTS)
     for key in ("new_tokens", "repeats"):
         if int(bcfg[key]) < 1:
             raise ChaiError(f"bench.{key} must be >= 1, got {bcfg[key]}.")
@@ -68,14 +76,14 @@ def plan(cfg, method, baseline, default_attn: str) -> tuple[list[BenchPath], lis
             skipped.append(f"{name}: method '{runner.name}' has no static cache (static_cache hook)")
             continue
         attn = "eager" if name == "eager" else default_attn
-        paths.append(BenchPath(name, runner, method_cfg if mine else baseline_cfg, attn, static))
+        paths.append(BenchPath(name, runner, method_cfg if mine else baseline_cfg, attn, static, name == RECOMPUTE))
     return paths, skipped
 
 
-def prompt_ids(model, batch: int, seq_len: int, seed: int) -> torch.Tensor:
-    """[batch, seq_len] random token ids, the same for every path and every run with the same seed."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=generator).to(model.device)
+def tokenizer_name(model_cfg) -> str:
+    """The model whose tokenizer the run uses: its own, or the one it borrows (`model.tokenizer`)."""
+    name = model_cfg.get("tokenizer", "self")
+    return model_cfg.name if name == "self" else name
 
 
 def run(cfg, record: dict) -> dict:
@@ -84,9 +92,10 @@ def run(cfg, record: dict) -> dict:
     check(bcfg)
     baseline = build_method({"name": bcfg.baseline_method})
     started = time.perf_counter()
-    # No tokenizer needed (random token ids); the model is kept for the next job of a multirun.
+    # A tokenizer only for a text prompt (Prompts says so in one line); the model is kept for a multirun's next job.
     ready = setup(cfg, need_tokenizer=False, keep_model=True)
     model, method = ready.model, ready.method
+    prompts = Prompts(bcfg, model, ready.tokenizer, tokenizer_name(cfg.model), cfg.data_dir)
     baseline.prepare(model, ready.context)
     device, default_attn = model.device, model.config._attn_implementation
     paths, skipped = plan(cfg, method, baseline, default_attn)
@@ -102,7 +111,7 @@ def run(cfg, record: dict) -> dict:
     counts, shown = {"measured": 0, "reused": 0, "errors": 0, "oom": 0}, []
     for batch in bcfg.batch_sizes:
         for seq_len in bcfg.seq_lens:
-            ids = prompt_ids(model, batch, seq_len, int(bcfg.input_seed))
+            ids, prompt = prompts.batch(batch, seq_len)
             group, fresh = {}, []
             for path in paths:
                 cell = cell_config(config, path, batch, seq_len, record["device"]["name"],
@@ -113,6 +122,7 @@ def run(cfg, record: dict) -> dict:
                     continue
                 rec = start(cell, record["overrides"], "bench", out_path)
                 result = measure_safely(path, model, ids, bcfg, device, default_attn)
+                result["prompt"] = {**prompt, **path.method.prompt_facts(ids)}  # e.g. the share of separators
                 group[path.name] = cell_record(rec, path, model, result, batch, seq_len, bcfg, rates,
                                                weights[path.name], params[path.name], baseline)
                 fresh.append(rec)

@@ -6,7 +6,9 @@ Method hooks used (chai/methods/base.py): `make_cache` / `static_cache` (a stati
 in place, `reset()` empties it in place: K in `layer.keys`, V in `layer.values`, the measured bytes), and
 `run_stats().clustering_s`, whose growth over a prefill is the time the method spent clustering inside it, measured
 on its own (CHAI brackets each clustering with device events). TTFT is the whole prefill, clustering included;
-nothing is subtracted from it.
+nothing is subtracted from it. K,V bytes held are read off the cache tensors twice: after the first prefill and at
+the end of the last round's decode (a cache that evicts holds different amounts then). A path without a cache
+(`recompute`) holds none and decodes by `bench.RecomputeStep`.
 """
 
 import gc
@@ -25,13 +27,16 @@ OOM = (torch.OutOfMemoryError,)
 
 @dataclass
 class BenchPath:
-    name: str  # eager | sdpa | static_compiled | method | method_static
+    name: str  # eager | sdpa | static_compiled | recompute | method | method_static
     method: object  # the Method instance that runs
     method_cfg: dict  # its config, as recorded
     attn: str  # the model's attention implementation for the path (a custom method overrides it when applied)
     static: bool
+    recompute: bool = False  # no cache at all: every step re-runs the whole sequence
 
     def new_cache(self, model, batch: int, max_len: int):
+        if self.recompute:
+            return None
         if self.static:
             return self.method.static_cache(model, batch, max_len)
         return self.method.make_cache(model)
@@ -45,13 +50,19 @@ class Decoder:
     def __init__(self, path: BenchPath, model, ids: torch.Tensor, bcfg, device: torch.device, alloc: Allocator):
         self.path, self.model, self.ids = path, model, ids
         self.n, self.max_len = int(bcfg.new_tokens), ids.shape[1] + int(bcfg.new_tokens)
-        self.kind = bench.static_step_kind(bcfg, device) if path.static else "eager"
+        self.kind = step_kind(path, bcfg, device)
         self.cache = path.new_cache(model, ids.shape[0], self.max_len)
         token = bench.prefill(model, ids, self.cache)
-        self.held, self.allocated = kv_bytes(self.cache), alloc.delta()  # K,V after the prompt, before any decode
+        self.held, self.allocated = held_bytes(self.cache), alloc.delta()  # K,V after the prompt, before any decode
         started = time.perf_counter()
-        self.step = bench.make_step(self.kind, model, self.cache, token, torch.full_like(token, ids.shape[1]), bcfg)
+        self.step = self._new_step(token, bcfg)
         self.setup_ms = (time.perf_counter() - started) * 1e3
+
+    def _new_step(self, token, bcfg):
+        if self.path.recompute:
+            return bench.RecomputeStep(self.model, self.ids)
+        return bench.make_step(self.kind, self.model, self.cache, token, torch.full_like(token, self.ids.shape[1]),
+                               bcfg)
 
     def prompt(self, clock: Clock) -> tuple[torch.Tensor, float, float]:
         """Empty the cache, then prefill: (first token [B, 1], TTFT ms, of which clustering ms)."""
@@ -59,6 +70,8 @@ class Decoder:
             self.cache.reset()  # in place: a captured graph keeps pointing at the same tensors
         else:
             self.cache = self.path.new_cache(self.model, self.ids.shape[0], self.max_len)
+        if self.path.recompute:
+            self.step = bench.RecomputeStep(self.model, self.ids)  # the sequence starts again from the prompt
         self.step.cache = self.cache
         ttft, before = [], clustering_s(self.path.method)
         with clock.region(ttft):
@@ -69,6 +82,23 @@ class Decoder:
         """`new_tokens` decode steps after the prompt: ms per step."""
         position = torch.full_like(token, self.ids.shape[1])
         return bench.decode_n_tokens(self.step, token, position, self.n, clock)
+
+
+def cache_tokens(path: BenchPath, prompt: int, max_len: int) -> int:
+    """Token slots the path's cache has after the prompt: a static cache's full length, none without a cache."""
+    return 0 if path.recompute else max_len if path.static else prompt
+
+
+def step_kind(path: BenchPath, bcfg, device: torch.device) -> str:
+    """How the path decodes: `recompute`, a static path's step as resolved, or `eager`."""
+    if path.recompute:
+        return "recompute"
+    return bench.static_step_kind(bcfg, device) if path.static else "eager"
+
+
+def held_bytes(cache) -> dict:
+    """{"k", "v"}: bytes the cache tensors hold now (no cache: none)."""
+    return {"k": 0, "v": 0} if cache is None else kv_bytes(cache)
 
 
 def clustering_s(method) -> float:
@@ -90,10 +120,10 @@ def measure(path: BenchPath, model, ids: torch.Tensor, bcfg, device: torch.devic
             rounds[name][0].append(ttft), rounds[name][1].append(cluster)
             rounds[name][2].extend(steps), rounds[name][3].append(ttft + sum(steps))
     (warm_ttft, _, warm_steps, _), (ttft, cluster, steps, e2e) = rounds["warmup"], rounds["timed"]
-    held = decoder.held
+    held, end = decoder.held, held_bytes(decoder.cache)  # after the first prompt; after the last round's decode
     return {
-        "step": decoder.kind, "cache": type(decoder.cache).__name__,
-        "cache_tokens": decoder.max_len if path.static else ids.shape[1],
+        "step": decoder.kind, "cache": None if decoder.cache is None else type(decoder.cache).__name__,
+        "cache_tokens": cache_tokens(path, ids.shape[1], decoder.max_len),
         "ttft_ms": percentiles(ttft),
         "clustering_ms": percentiles(cluster),
         "ttnt_ms": percentiles(steps),
@@ -102,6 +132,7 @@ def measure(path: BenchPath, model, ids: torch.Tensor, bcfg, device: torch.devic
                    "ttnt_ms": percentiles(warm_steps)},
         "kv_measured": {"measured_cache": held["k"] + held["v"], "measured_k": held["k"], "measured_v": held["v"],
                         "allocator_delta": decoder.allocated, "allocator_peak": alloc.peak()},
+        "kv_measured_end": {"measured_cache": end["k"] + end["v"], "measured_k": end["k"], "measured_v": end["v"]},
     }
 
 

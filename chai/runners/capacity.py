@@ -32,7 +32,8 @@ from chai.methods import build_method
 from chai.models import resolve_device
 from chai.records import append_jsonl, run_key
 from chai.roofline import copy_bandwidth, weight_bytes_per_step
-from chai.runners.bench import STEPS, plan, prompt_ids
+from chai.runners.bench import STEPS, plan
+from chai.runners.bench_prompt import random_ids
 from chai.runners.capacity_cells import cell_config, cell_line, cell_record, cell_summary, finished_cells
 from chai.runners.capacity_measure import (BudgetJudge, CellFailed, DeviceJudge, measure_released,
                                            memory_budget, oom_message, readable, trial_runner)
@@ -154,7 +155,7 @@ def find(path, seq_len: int, s: Setting) -> dict:
     c, model = s.cfg.capacity, s.model
     tokens, dtype_bytes = seq_len + int(c.new_tokens), model.dtype.itemsize
     kv = lambda batch: sum(path.method.kv_bytes(model.config, batch, tokens, dtype_bytes).values())  # noqa: E731
-    prompts = lambda batch: prompt_ids(model, batch, seq_len, int(s.cfg.bench.input_seed))  # noqa: E731
+    prompts = lambda batch: random_ids(model, batch, seq_len, int(s.cfg.bench.input_seed))  # noqa: E731
     limit = s.budget["budget_bytes"] if c.memory_bytes is not None else None  # a budget below the device's
     runner = trial_runner(path, model, prompts, s.trial, model.device, s.default_attn, int(c.trial_steps))
     found = {"fits_by": s.fits_by, "budget": s.budget, "trials": [], "final": None, "lo": 0, "hi": None}
