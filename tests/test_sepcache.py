@@ -125,4 +125,6 @@ def test_configs_build_and_show_their_settings():
     assert streaming.name == "streamingllm" and isinstance(streaming, SepCache)
     assert sep.display(sep.settings())["label"] == "SepLLM (training-free) window 256, sinks 4"
     shown = streaming.display(streaming.settings())
-    assert shown["label"].endswith("no separators") and shown["family"] == "SepLLM"
+    assert shown["label"] == "StreamingLLM window 256, sinks 4" and shown["family"] == "StreamingLLM"  # its own line
+    no_separators = build_method(compose_cfg(["method=sepcache", "method.separators=[]"]).method)
+    assert no_separators.display(no_separators.settings())["label"].endswith("no separators")

@@ -29,8 +29,9 @@ Parameters
 
 K,V bytes: the evicting cache stores each request's kept tokens padded to the longest request of the batch, so it
 holds batch x max(kept) tokens; kept = sinks + separators outside the window + window - 1, capped by the length.
-`kv_bytes` counts them from the ids of the last sequence the method saw when its shape matches (exact), else
-without separators (exact for StreamingLLM, a lower bound for SepLLM).
+`kv_bytes` counts them from the ids of the last sequence the method saw when it has the batch and at least the
+tokens asked for (exact: its first tokens), else without separators (exact for StreamingLLM, a lower bound for
+SepLLM).
 """
 
 from dataclasses import dataclass
@@ -90,8 +91,8 @@ class SepCache(TokenMethod):
         if not self.separators:
             return
         tokenizer = getattr(context, "tokenizer", None)
-        require(tokenizer is not None, "sepcache: separators need the model's tokenizer (none offline): set "
-                                       "model.tokenizer, or method=streamingllm (no separators).")
+        require(tokenizer is not None, "sepcache: separators need the model's tokenizer (none offline): borrow one "
+                                       "(++model.tokenizer=smollm2), or method=streamingllm (no separators).")
         self._ids = separator_ids(tokenizer, self.separators)
 
     # -- the rule (TokenMethod's hooks) ------------------------------------------------------------------------
@@ -124,9 +125,16 @@ class StreamingLLM(SepCache):
     """StreamingLLM (Xiao et al., 2023, arXiv 2309.17453): SepLLM without separators, attention sinks plus a window."""
 
     name = "streamingllm"
+    # A published method of its own (and SepLLM's ablation): its own family on the frontier, not a SepLLM setting.
+    label, order, color = "StreamingLLM", 41, "goldenrod"
+    family = "StreamingLLM"
 
     separators: tuple = ()
 
     def __post_init__(self):
         require(not self.separators, "streamingllm: has no separators; use method=sepcache to keep some.")
         super().__post_init__()
+
+    @classmethod
+    def variant(cls, settings: dict) -> str:
+        return f"window {settings.get('window')}, sinks {settings.get('sinks')}"  # never separators: the name says so
