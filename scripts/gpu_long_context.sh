@@ -3,13 +3,15 @@
 # RULER-style tasks at 1024..8192 tokens, C4 perplexity at 2048..8192, WikiText-2) on the offline GPU machine, after
 # `source scripts/gpu_setup.sh`. Arguments are Hydra overrides of every cell; `method=`, `task=` and `task.length=`
 # narrow the grid instead (comma lists), e.g.
-#   bash scripts/gpu_long_context.sh                                    # the whole grid (~15 min of H200 time)
+#   bash scripts/gpu_long_context.sh                                    # the whole grid (~35 min of H200 time)
 #   bash scripts/gpu_long_context.sh method=mha,chai task.length=8192   # a corner of it
 #   GRIDS=synthetic JOBS=6 bash scripts/gpu_long_context.sh task.n=100
 # First the task files: every (task, length) the grid needs is generated with the model's tokenizer into the cache
 # ($CHAI_CACHE_DIR/task_data, reused by its manifest), in BUILD_JOBS processes at once (default: every core; ~80 s a
 # file at 8k and n=100 on one core), so no GPU stage waits on tokenization; the SmolLM2 snapshot is made there too,
-# once. Then one stage per (grid, method, task), JOBS side by side (default 4; each a Hydra multirun over its lengths).
+# once. Then one stage per (grid, method, task, batch size), JOBS side by side (default 4; each a Hydra multirun over
+# its lengths). A length's batch holds at most BATCH_TOKENS tokens (default 65536: 16 up to 4096, 8 at 8192), capped
+# by the experiment's eval.batch_size: the eager attention's fp32 scores at 8k x 16 alone were 36 GiB.
 # WikiText needs wikitext2/wiki.test.raw in $CHAI_DATA_DIR: gpu_carry.sh's data.tgz holds it (built before
 # 2026-12-02 it did not: delete .carry/data and run gpu_carry.sh again); without it the WikiText stages are skipped
 # with one line. A folder .carry/lc_data, when carried, is copied over the data directory too.
@@ -35,7 +37,8 @@ echo "== task files (and the stage list)"
 stages_file=$logs/stages.txt
 # The grid is read from the experiment's own sweep (conf/long_context/<grid>.yaml), never restated here.
 grids=${GRIDS:-synthetic c4_ppl wikitext}
-timeout "$((deadline - SECONDS))" python3 - "$stages_file" "${BUILD_JOBS:-$(nproc)}" "$grids" "$@" <<'EOF' 2>&1 \
+timeout "$((deadline - SECONDS))" python3 - "$stages_file" "${BUILD_JOBS:-$(nproc)}" "$grids" "${BATCH_TOKENS:-65536}" "$@" \
+  <<'EOF' 2>&1 \
   | tee "$logs/build.log" | grep -v "^ "
 import sys
 import time
@@ -49,7 +52,8 @@ from chai.models import load_tokenizer
 from chai.paths import CONF_DIR, data_file
 from chai.tasks import generated_data, kind_of
 
-stages_file, jobs, grids, extra = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), sys.argv[4:]
+stages_file, jobs, grids, batch_tokens = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), int(sys.argv[4])
+extra = sys.argv[5:]
 AXES = ("method", "task", "task.length")  # the swept keys: given on the command line, they narrow the grid
 MISSING = object()
 tokenizer = None  # set before the pool forks: every worker has it
@@ -64,6 +68,17 @@ def build(cell) -> str:
     started = time.time()
     path, _ = generated_data(cell.task, cell.data_dir, tokenizer)
     return f"  {path.name}: {time.time() - started:.0f} s"
+
+
+def batches(lengths, cfg) -> list[tuple[int, list]]:
+    """[(batch size, lengths)]: at most batch_tokens tokens a batch (an 8k window at batch 16 asked for a 36 GiB
+    fp32 score matrix in the eager attention, and five jobs share one GPU); a grid without lengths (WikiText) has
+    eval.max_length-token windows."""
+    by_batch = {}
+    for length in lengths or [None]:
+        window = int(length) if length else int(cfg.eval.max_length)
+        by_batch.setdefault(max(1, min(int(cfg.eval.batch_size), batch_tokens // window)), []).append(length)
+    return [(b, [x for x in group if x]) for b, group in by_batch.items()]
 
 
 def fits(cfg, override: str) -> bool:
@@ -94,8 +109,10 @@ with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             except Exception as error:
                 print(f"skip  {grid}: {str(error).splitlines()[0]}")
                 continue
-        shown = f" task.length={','.join(lengths)}" if lengths else ""
-        stages += [" ".join([f"long_context={grid} method={m} task={t}{shown}", *mine]) for t in tasks for m in methods]
+        for batch, group in batches(lengths, cfg):
+            shown = (f" task.length={','.join(group)}" if group else "") + f" eval.batch_size={batch}"
+            stages += [" ".join([f"long_context={grid} method={m} task={t}{shown}", *mine])
+                       for t in tasks for m in methods]
         for task in tasks:
             for length in lengths or [None]:
                 cell = compose(config_name="config", overrides=[*base, f"task={task}"]
