@@ -20,6 +20,7 @@ from chai.methods import RunContext, build_method
 from chai.methods.sepcache import separator_ids
 from chai.models import load_model
 from chai.paths import data_dir
+from chai.report.bench_table import render
 from chai.runners import bench_cells
 from chai.runners.bench_measure import BenchPath
 from chai.runners.bench_prompt import Prompts
@@ -153,6 +154,10 @@ def test_recompute_cell_is_labelled_apart(tmp_path):
         if name != "recompute":
             assert b["recomputation"] is False and "not the headline" in b["vs_recompute"]["note"]
             assert b["vs_recompute"]["ttnt_speedup"] > 0 and b["vs_recompute"]["e2e_speedup"] > 0
+    table = render(tmp_path / "bench" / "runs.jsonl")  # the report keeps it apart too
+    main, apart = table.split("Against recomputation")
+    assert "| recompute (no K,V cache; not a baseline) |" in main
+    assert "| sdpa |" in apart and "| static_compiled |" in apart and "| recompute" not in apart
 
 
 def test_the_prompt_keys_a_cell_only_when_it_is_text():

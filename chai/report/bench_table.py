@@ -42,6 +42,7 @@ def _latest_cells(path: Path) -> tuple[dict, dict]:
 def _row(batch, seq, label, b, error) -> str:
     static = b["path"] in ("static_compiled", "method_static")
     path = b["path"] + (f" ({b['step']})" if static and b.get("step") else "")  # how a static path was stepped
+    path += " (no K,V cache; not a baseline)" if b.get("recomputation") else ""
     if error:
         return f"| {batch} | {seq} | {label} | {path} | {'OOM' if b.get('oom') else 'failed'} |" + " |" * 14
     # .get: cells recorded before a field existed (or without their baselines) show "-" there
@@ -59,15 +60,29 @@ def _row(batch, seq, label, b, error) -> str:
             f"| {kv['analytic'] / 1e6:.1f} | {_f(saved, '.1%')} |")
 
 
+RECOMPUTE_HEADER = ("Against recomputation (no K,V cache, every step re-runs the whole sequence: the baseline of "
+                    "AnLLM's \"3.5x\"), labelled apart and never the headline:", "",
+                    "| batch | seq | method | path | TTNT x recompute | end to end x recompute |", "|---|---|---|---|---|---|")
+
+
+def _recompute_rows(cells: list) -> list[str]:
+    """The cells measured beside a `recompute` path, with their speedups over it (none: no section)."""
+    rows = [f"| {batch} | {seq} | {label} | {b['path']} | {_f(b['vs_recompute'].get('ttnt_speedup'))} "
+            f"| {_f(b['vs_recompute'].get('e2e_speedup'))} |"
+            for batch, seq, (label, b, error) in cells if not error and b.get("vs_recompute")]
+    return ["", *RECOMPUTE_HEADER, *rows] if rows else []
+
+
 def render(path: Path) -> str:
     latest, notes = _latest_cells(Path(path))
     if not latest:
         return "No bench cells recorded.\n"
     out = []
     for where, note in sorted(notes.items()):
+        cells = [(batch, seq, cell) for (*w, batch, seq, _, _, _), cell in sorted(latest.items()) if tuple(w) == where]
         out += [f"### {where[0]} on {where[1]}", "", note, "", HEADER, "|" + "---|" * 19]
-        out += [_row(batch, seq, *cell) for (*w, batch, seq, _, _, _), cell in sorted(latest.items())
-                if tuple(w) == where]
+        out += [_row(batch, seq, *cell) for batch, seq, cell in cells]
+        out += _recompute_rows(cells)
         out.append("")
     return "\n".join(out) + "\n"
 
