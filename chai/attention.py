@@ -44,10 +44,10 @@ class AttnShape:
         return {"k": per_tensor, "v": per_tensor}
 
 
-# id -> weak reference of the masks built plain causal: no padding, no window (a tensor's == is elementwise, so a
-# WeakSet, which compares members with ==, cannot hold them)
-_PLAIN_CAUSAL: dict[int, weakref.ref] = {}
-_FROM_START: set[int] = set()  # ids of those plain masks whose query rows and keys both start at position 0
+# id -> (weak reference, starts at position 0) of the masks built plain causal: no padding, no window (a tensor's ==
+# is elementwise, so a WeakSet, which compares members with ==, cannot hold them); the flag: its query rows and keys
+# both start at position 0 (a prompt's first forward)
+_PLAIN_CAUSAL: dict[int, tuple[weakref.ref, bool]] = {}
 
 
 @functools.cache
@@ -72,10 +72,8 @@ def bool_causal_mask(*args, **kwargs):
              and given.get("mask_function", causal_mask_function) is causal_mask_function)
     if plain and mask is not None:
         key = id(mask)
-        _PLAIN_CAUSAL[key] = weakref.ref(mask, lambda _, key=key: (_PLAIN_CAUSAL.pop(key, None),
-                                                                   _FROM_START.discard(key)))
-        if _starts_at_zero(given, sdpa_mask):
-            _FROM_START.add(key)
+        forget = lambda _, key=key: _PLAIN_CAUSAL.pop(key, None)  # noqa: E731
+        _PLAIN_CAUSAL[key] = (weakref.ref(mask, forget), _starts_at_zero(given, sdpa_mask))
     return mask
 
 
@@ -96,13 +94,13 @@ def plain_causal(mask: torch.Tensor | None) -> bool:
     if torch.compiler.is_compiling():
         return False
     known = _PLAIN_CAUSAL.get(id(mask))
-    return known is not None and known() is mask
+    return known is not None and known[0]() is mask
 
 
 def causal_from_start(mask: torch.Tensor | None) -> bool:
     """Whether `mask` is plain causal with its query rows at positions 0..Tq-1 over keys from position 0 (a prompt's
     first forward): then rows see only the first Tq keys, whatever a static cache holds after them."""
-    return mask is not None and plain_causal(mask) and id(mask) in _FROM_START
+    return mask is not None and plain_causal(mask) and _PLAIN_CAUSAL[id(mask)][1]
 
 
 def additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | float:
