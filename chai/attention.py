@@ -78,12 +78,21 @@ def bool_causal_mask(*args, **kwargs):
 
 
 def _starts_at_zero(given: dict, builder) -> bool:
-    """Whether a mask's query rows and keys start at position 0 (transformers' `q_offset`, `kv_offset`; a static
-    cache passes q_offset as a one-element tensor, which transformers' own mask reads too). False on a release
-    whose mask builder has no such arguments."""
-    if "q_offset" not in _signature(builder).parameters:
+    """Whether a mask's query rows and keys start at position 0 (transformers' `q_offset`, `kv_offset`). A static
+    cache passes q_offset as a one-element device tensor: reading it is a host sync, which a captured CUDA graph
+    forbids (the bench's decode step) and a decode step need not pay, so it is read only for a prompt-sized forward
+    outside capture, once per forward before the first layer, as transformers' own SDPA mask reads it. False (the
+    explicit mask, always correct) for one query row, under capture, or on a release whose builder has no offsets."""
+    if "q_offset" not in _signature(builder).parameters or int(given.get("q_length", 0)) <= 1:
         return False
-    return all(int(given.get(name, 0)) == 0 for name in ("q_offset", "kv_offset"))
+    offsets = [given.get(name, 0) for name in ("q_offset", "kv_offset")]
+    return not _capturing(offsets) and all(int(o) == 0 for o in offsets)
+
+
+def _capturing(offsets: list) -> bool:
+    """Whether a CUDA graph is being captured while an offset lives on the GPU (a CPU-only build cannot even ask)."""
+    on_gpu = any(isinstance(o, torch.Tensor) and o.device.type == "cuda" for o in offsets)
+    return on_gpu and torch.cuda.is_current_stream_capturing()
 
 
 def plain_causal(mask: torch.Tensor | None) -> bool:

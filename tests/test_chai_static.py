@@ -16,7 +16,8 @@ from chai.attention import kv_bytes
 from chai.cli import run_mode
 from chai.errors import ChaiError
 from chai.methods import build_method
-from chai.attention import bool_causal_mask, plain_causal
+from chai import attention
+from chai.attention import bool_causal_mask, causal_from_start, plain_causal
 from chai.methods._chai_attention import clustered_prefill
 from chai.methods._chai_static import ChaiStaticLayer
 from chai.methods.chai import ChaiLayer
@@ -267,3 +268,21 @@ def test_a_methods_dense_layer_prefills_a_static_cache_as_mha_does(tiny_llama):
     calls = sdpa_calls(chai_prefill)
     assert mha == [(9, False, True)] * 3
     assert calls[0] == calls[-1] == mha[0]
+
+
+def test_a_decode_steps_mask_never_reads_the_static_caches_offset(monkeypatch):
+    """A static cache gives the mask a device tensor as q_offset; reading it is a host sync, which broke the bench's
+    CUDA-graph capture of the decode step (H200, 2026-12-02: "operation not permitted when stream is capturing").
+    A meta tensor cannot be read, so building the mask with one shows it is not: for one query row, and for a
+    prompt-sized forward under capture (monkeypatched: no CUDA here). Outside capture a prompt's offset is read."""
+    offset = torch.zeros((), dtype=torch.long, device="meta")
+    decode = bool_causal_mask(batch_size=2, q_length=1, kv_length=16, q_offset=offset, device="meta")
+    assert plain_causal(decode) and not causal_from_start(decode)
+    with pytest.raises(Exception, match="meta"):
+        bool_causal_mask(batch_size=2, q_length=4, kv_length=16, q_offset=offset, device="meta")
+    monkeypatch.setattr(attention, "_capturing", lambda offsets: True)
+    captured = bool_causal_mask(batch_size=2, q_length=4, kv_length=16, q_offset=offset, device="meta")
+    monkeypatch.undo()
+    assert plain_causal(captured) and not causal_from_start(captured)
+    zero = torch.zeros((), dtype=torch.long)
+    assert causal_from_start(bool_causal_mask(batch_size=2, q_length=4, kv_length=16, q_offset=zero, device="cpu"))
