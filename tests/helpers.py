@@ -1,5 +1,7 @@
 """Test helpers shared across test files (not fixtures)."""
 
+import weakref
+
 import torch
 from hydra import compose, initialize_config_dir
 
@@ -105,10 +107,24 @@ def assert_cache_holds_the_kept_tokens(model, method, ids, kept: list[int]) -> N
     with torch.no_grad(), method.applied(model):
         model(ids, past_key_values=cache)
     assert (cache.layers[0].positions >= 0).sum(1).tolist() == kept
+    held = {tuple(t.shape) for layer in cache.layers for t in tensors_held(vars(layer).values()) if t.dim() == 4}
+    assert {shape[2] for shape in held} == {max(kept)}  # no K or V of an evicted token stays referenced
     assert kv_bytes(cache) == method.kv_bytes(model.config, 2, length, 4)
     assert kv_bytes(cache)["k"] == 2 * max(kept) * AttnShape.of(model.config).dense_kv_bytes_per_token(4)["k"]
     stats = method.run_stats().extra["kept_tokens"]
     assert (stats["min"], stats["max"], stats["kept_fraction"]) == (min(kept), max(kept), sum(kept) / (2 * length))
+
+
+def tensors_held(values) -> list:
+    """The tensors among `values`, inside tuples and lists, and behind weak references that are still alive."""
+    found = []
+    for value in values:
+        value = value() if isinstance(value, weakref.ref) else value
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, (tuple, list)):
+            found += tensors_held(value)
+    return found
 
 
 def assert_model_restored_after_applied(model, method, ids) -> None:

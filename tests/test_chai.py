@@ -14,7 +14,7 @@ from chai.methods import build_method
 from chai.methods.chai import ChaiLayer, load_preset, presets
 from chai.models import architecture
 from tests.conftest import random_ids
-from tests.helpers import assert_one_line_error
+from tests.helpers import assert_one_line_error, tensors_held
 
 VOCAB = 1000  # ids drawn below every tiny model's vocabulary
 
@@ -120,6 +120,9 @@ def test_stored_bytes_equal_the_analytic_count(tiny_llama):
         logits(model, ids, method, cache)
         per_token = shape.head_dim * 4 * ids.shape[1]
         assert kv_bytes(cache) == {"k": sum(k_heads) * per_token, "v": sum(v_heads) * per_token}
+        for layer in cache.layers:  # and no other K or V stays referenced (the prompt's keys of every head did)
+            held = {id(t) for t in tensors_held(vars(layer).values()) if t.dim() == 4}
+            assert held == {id(layer.keys), id(layer.values)}
         analytic = method.kv_bytes_per_token(model.config, 4)
         assert analytic == {"k": sum(k_heads) * shape.head_dim * 4, "v": sum(v_heads) * shape.head_dim * 4}
         measured = measure_kv_bytes_per_token(model, method, ids)
