@@ -7,17 +7,19 @@
 #   bash scripts/gpu_long_context.sh method=mha,chai task.length=8192   # a corner of it
 #   GRIDS=synthetic JOBS=6 bash scripts/gpu_long_context.sh task.n=100
 # First the task files: every (task, length) the grid needs is generated with the model's tokenizer into the cache
-# ($CHAI_CACHE_DIR/task_data, reused by its manifest), in BUILD_JOBS processes at once (default: every core; ~80 s a
-# file at 8k and n=100 on one core), so no GPU stage waits on tokenization; the SmolLM2 snapshot is made there too,
-# once. Then one stage per (grid, method, task, batch size), JOBS side by side (default 4; each a Hydra multirun over
-# its lengths). A length's batch holds at most BATCH_TOKENS tokens (default 65536: 16 up to 4096, 8 at 8192), capped
-# by the experiment's eval.batch_size: the eager attention's fp32 scores at 8k x 16 alone were 36 GiB.
+# ($CHAI_CACHE_DIR/task_data, reused by its manifest), in BUILD_JOBS processes at once (default: every core; 35-42 s a
+# file at 8k and n=64 on the H200 host), so no GPU stage waits on tokenization; the SmolLM2 snapshot is made there too,
+# once. Then one stage per (grid, method, task, batch size) over the lengths not recorded yet (a cell's run key, as
+# run.py computes it, against the records: a stage of recorded cells is never started, and no task file is made that
+# only recorded cells read), JOBS side by side (default 4; each a Hydra multirun over its lengths). A length's batch
+# holds at most BATCH_TOKENS tokens (default 65536: 16 up to 4096, 8 at 8192), capped by the experiment's
+# eval.batch_size: the eager attention's fp32 scores at 8k x 16 alone were 36 GiB.
 # WikiText needs wikitext2/wiki.test.raw in $CHAI_DATA_DIR: gpu_carry.sh's data.tgz holds it (built before
 # 2026-12-02 it did not: delete .carry/data and run gpu_carry.sh again); without it the WikiText stages are skipped
 # with one line. A folder .carry/lc_data, when carried, is copied over the data directory too.
 # Resumable like gpu_accuracy.sh: records go to /tmp/chai_results seeded from the committed results/, a finished cell
-# (same run key) is skipped, and every stage stops BUDGET_S seconds after the start (default 540) and goes on next
-# call. The changed records come back as $OUT/results/long_context.runs.jsonl (copy it to
+# (same run key) is left out of its stage, and every stage stops BUDGET_S seconds after the start (default 540) and goes
+# on next call. The changed records come back as $OUT/results/long_context.runs.jsonl (copy it to
 # results/long_context/runs.jsonl), the logs as $OUT/logs.tgz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,12 +39,15 @@ echo "== task files (and the stage list)"
 stages_file=$logs/stages.txt
 # The grid is read from the experiment's own sweep (conf/long_context/<grid>.yaml), never restated here.
 grids=${GRIDS:-synthetic c4_ppl wikitext}
-timeout "$((deadline - SECONDS))" python3 - "$stages_file" "${BUILD_JOBS:-$(nproc)}" "$grids" "${BATCH_TOKENS:-65536}" "$@" \
+cores=$(env -u OMP_NUM_THREADS nproc)  # nproc obeys OMP_NUM_THREADS: builds ran 2 at a time on 16 cores
+timeout "$((deadline - SECONDS))" python3 - "$stages_file" "${BUILD_JOBS:-$cores}" "$grids" "${BATCH_TOKENS:-65536}" \
+  "$res" "${common[@]}" -- "$@" \
   <<'EOF' 2>&1 \
   | tee "$logs/build.log" | grep -v "^ "
 import sys
 import time
 from multiprocessing import get_context
+from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -50,10 +55,13 @@ from omegaconf import OmegaConf
 
 from chai.models import load_tokenizer
 from chai.paths import CONF_DIR, data_file
+from chai.records import records_by_key, run_key
 from chai.tasks import generated_data, kind_of
 
-stages_file, jobs, grids, batch_tokens = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), int(sys.argv[4])
-extra = sys.argv[5:]
+stages_file, jobs, grids, batch_tokens, res = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), int(sys.argv[4]), \
+    sys.argv[5]
+common, extra = sys.argv[6:sys.argv.index("--")], sys.argv[sys.argv.index("--") + 1:]
+recorded = set(records_by_key(Path(res) / "long_context" / "runs.jsonl"))  # finished cells (no error)
 AXES = ("method", "task", "task.length")  # the swept keys: given on the command line, they narrow the grid
 MISSING = object()
 tokenizer = None  # set before the pool forks: every worker has it
@@ -81,6 +89,15 @@ def batches(lengths, cfg) -> list[tuple[int, list]]:
     return [(b, [x for x in group if x]) for b, group in by_batch.items()]
 
 
+def recorded_already(base: list[str], method: str, task: str, length, batch: int) -> bool:
+    """Whether the cell a stage would run is recorded (the key run.py checks before running it): a stage of
+    recorded cells only would start Python, compose and skip, ~15 s of a job slot each."""
+    cell = compose(config_name="config", overrides=[*base, f"method={method}", f"task={task}", *common,
+                                                    *([f"task.length={length}"] if length else []),
+                                                    f"eval.batch_size={batch}"])
+    return run_key(OmegaConf.to_container(cell, resolve=True)) in recorded
+
+
 def fits(cfg, override: str) -> bool:
     """Whether `override` names a key of this grid's config (or adds one, or is Hydra's)."""
     key = override.split("=")[0]
@@ -90,7 +107,7 @@ def fits(cfg, override: str) -> bool:
 asked = split([o for o in extra if o.split("=")[0] in AXES])
 rest = [o for o in extra if o.split("=")[0] not in AXES]
 narrow = lambda key, values: [v for v in values if key not in asked or v in asked[key]]  # noqa: E731
-stages, cells, model_cfg = [], [], None
+stages, cells, model_cfg, needed, done = [], [], None, set(), 0
 with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
     for grid in grids:
         plain = compose(config_name="config", overrides=["experiment=long_context", f"long_context={grid}"])
@@ -110,11 +127,17 @@ with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
                 print(f"skip  {grid}: {str(error).splitlines()[0]}")
                 continue
         for batch, group in batches(lengths, cfg):
-            shown = (f" task.length={','.join(group)}" if group else "") + f" eval.batch_size={batch}"
-            stages += [" ".join([f"long_context={grid} method={m} task={t}{shown}", *mine])
-                       for t in tasks for m in methods]
+            for t in tasks:
+                for m in methods:
+                    todo = [x for x in group or [None] if not recorded_already(base, m, t, x, batch)]
+                    done += len(group or [None]) - len(todo)
+                    needed.update((t, x) for x in todo)
+                    shown = (f" task.length={','.join(todo)}" if group else "") + f" eval.batch_size={batch}"
+                    stages += [" ".join([f"long_context={grid} method={m} task={t}{shown}", *mine])] if todo else []
         for task in tasks:
             for length in lengths or [None]:
+                if (task, length) not in needed:  # every method's cell recorded: no file to make
+                    continue
                 cell = compose(config_name="config", overrides=[*base, f"task={task}"]
                                + ([f"task.length={length}"] if length else []))
                 if kind_of(cell.task) != "builtin":
@@ -124,7 +147,7 @@ with open(stages_file, "w") as f:
 if cells:
     tokenizer = load_tokenizer(model_cfg)  # makes the model snapshot once, before the stages load it side by side
 cells.sort(key=lambda c: -c.task.length)  # the longest first: the pool ends evenly
-print(f"{len(cells)} task files, {jobs} at a time; {len(stages)} stages")
+print(f"{done} cells recorded already; {len(stages)} stages to run; {len(cells)} task files, {jobs} at a time")
 with get_context("fork").Pool(jobs) as pool:
     for line in pool.imap_unordered(build, cells):
         print(line, flush=True)
