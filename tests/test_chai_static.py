@@ -11,13 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from chai import bench
-from chai.attention import kv_bytes
+from chai import attention, bench
+from chai.attention import bool_causal_mask, causal_from_start, kv_bytes, plain_causal
 from chai.cli import run_mode
 from chai.errors import ChaiError
 from chai.methods import build_method
-from chai import attention
-from chai.attention import bool_causal_mask, causal_from_start, plain_causal
 from chai.methods._chai_attention import clustered_prefill
 from chai.methods._chai_static import ChaiStaticLayer
 from chai.methods.chai import ChaiLayer
