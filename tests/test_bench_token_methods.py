@@ -87,6 +87,20 @@ def test_method_path_holds_the_bytes_of_the_tokens_it_keeps(tmp_path, tiny_llama
 
 
 @needs_c4
+def test_method_static_path_holds_the_slots_it_is_sized_by(tmp_path, tiny_llama):
+    """The static cache's bytes are its slots: what the prompt kept (StreamingLLM: 4 sinks and the window's 7
+    latest) plus one a decode step, measured off the buffers and equal to the method's analytic bound."""
+    model, _ = tiny_llama
+    run_mode(text_cfg(tmp_path, "method=streamingllm", "method.window=8",
+                      "bench.paths=[static_compiled,method_static]"), overrides=[])
+    cell = next(r for r in cells(tmp_path) if r["bench"]["path"] == "method_static")
+    per_token = sum(AttnShape.of(model.config).dense_kv_bytes_per_token(4).values())
+    kv = cell["bench"]["kv_bytes"]
+    assert cell["error"] is None and cell["bench"]["cache"] == "Cache"
+    assert kv["measured_cache"] == kv["analytic"] == 2 * (4 + 7 + NEW) * per_token
+
+
+@needs_c4
 def test_text_prompt_is_c4_text_the_same_every_time(tiny_llama):
     model, tokenizer = tiny_llama
     bcfg = OmegaConf.create({"prompt": "text", "input_seed": 0, "batch_sizes": [4], "seq_lens": [512]})

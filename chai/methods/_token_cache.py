@@ -17,14 +17,29 @@ sees what it would alone.
 from typing import ClassVar
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
 from chai.attention import AttnShape, dense
 from chai.errors import require
 from chai.methods.base import Method, RunStats
 
 
-class TokenEvictingLayer(DynamicLayer):
+class TokenLayer:
+    """What the token methods' attention asks of their cache layers, dynamic (`TokenEvictingLayer`) or static
+    (`chai.methods._token_static.StaticTokenLayer`): `columns`, (positions, marked) of the keys `update` returned
+    last, `take_returned(key)` and `allowed(visible, rows)`."""
+
+    columns = returned = None
+
+    def take_returned(self, key: torch.Tensor) -> bool:
+        """Whether `key` is what `update` returned last, forgetting it: held on, every layer's prompt keys stayed
+        alive until the next forward (8 x 8192 on the Llama-2-7B shape: 17.2 GB beside a 1.1 GB StreamingLLM cache,
+        the H200 bench's allocator delta)."""
+        returned, self.returned = self.returned, None
+        return returned is key
+
+
+class TokenEvictingLayer(TokenLayer, DynamicLayer):
     """keys/values [B, Hkv, K, D]: per request at most K kept tokens; positions [B, K] their original positions
     (-1: an empty slot); marked [B, K] whether each was a marked (e.g. separator) token.
 
@@ -71,8 +86,7 @@ class TokenEvictingLayer(DynamicLayer):
         keep = (positions >= 0) & self.keep(positions, marked, upcoming)  # [B, N]
         counts = keep.sum(dim=1)
         width = int(counts.max()) if counts.numel() else 0  # one host sync per layer and forward
-        order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :width]  # kept first, in order
-        used = torch.arange(width, device=keep.device) < counts[:, None]  # [B, width]
+        order, used = take_columns(keep, counts, width)
         self.positions = torch.where(used, positions.gather(1, order), -1)
         self.marked = marked.gather(1, order) & used
         self.keys = _take(keys, order, used)
@@ -80,12 +94,14 @@ class TokenEvictingLayer(DynamicLayer):
         if self.on_evict is not None:
             self.on_evict(counts, upcoming)
 
-    def take_returned(self, key: torch.Tensor) -> bool:
-        """Whether `key` is what `update` returned last, forgetting it: held on, every layer's prompt keys stayed
-        alive until the next forward (8 x 8192 on the Llama-2-7B shape: 17.2 GB beside a 1.1 GB StreamingLLM cache,
-        the H200 bench's allocator delta)."""
-        returned, self.returned = self.returned, None
-        return returned is key
+    def allowed(self, visible, rows: int) -> torch.Tensor:
+        """[B, 1, rows, Tk] what this forward's queries (the last `rows` columns) see under the rule `visible`; a
+        pad row sees itself, not nothing."""
+        positions, marked = self.columns
+        columns = positions.shape[1]
+        itself = torch.arange(columns, device=positions.device) == torch.arange(columns - rows, columns,
+                                                                                 device=positions.device)[:, None]
+        return visible(positions, marked, rows) | itself
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -113,6 +129,12 @@ class TokenEvictingLayer(DynamicLayer):
         super().reset()
         self.seen = 0
         self.positions = self.marked = self.columns = self.returned = None
+
+
+def take_columns(keep: torch.Tensor, counts: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """keep [B, N] -> (order [B, width]: the kept columns first, in order; used [B, width]: which are kept)."""
+    order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+    return order, torch.arange(width, device=keep.device) < counts[:, None]
 
 
 def _take(states: torch.Tensor, order: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
@@ -151,6 +173,7 @@ class TokenMethod(Method):
     def on_apply(self, model) -> None:
         require(self._ids is not None, f"{self.name}: call prepare(model, context) with a tokenizer before applying "
                                        f"it.")
+        self._ids = self._ids.to(model.device)  # on the model's device: a captured step cannot copy from the host
         self._hook = model.register_forward_pre_hook(self._capture, with_kwargs=True)
 
     def on_remove(self, model) -> None:
@@ -170,9 +193,13 @@ class TokenMethod(Method):
         if self._new_positions is not None:
             marks &= self._new_positions >= 0  # a pad is never a separator or an anchor
         cache = _sequence_cache(args, kwargs)
+        first = cache.layers[0] if isinstance(cache, Cache) and cache.layers else None
+        self._cache, self._new_marks = (cache if isinstance(first, TokenLayer) else None), marks
+        if isinstance(first, StaticLayer) and isinstance(first, TokenLayer):
+            if not first.prefilled:  # a decode step reads no sequence-long state: its cache holds the marks
+                self._marks = marks
+            return
         past = cache.get_seq_length() if isinstance(cache, Cache) else 0
-        ours = isinstance(cache, Cache) and bool(cache.layers) and isinstance(cache.layers[0], TokenEvictingLayer)
-        self._cache, self._new_marks = (cache if ours else None), marks
         if past == 0:
             self._marks = marks
         else:
@@ -187,9 +214,7 @@ class TokenMethod(Method):
         layer = self._cache.layers[module.layer_idx] if self._cache is not None else None
         if layer is not None:  # the model's mask is not read: padding is in the columns' positions (-1)
             require(layer.take_returned(key), f"{self.name}: the attention got keys that are not its cache layer's.")
-            itself = torch.arange(columns, device=key.device) == torch.arange(columns - rows, columns,
-                                                                               device=key.device)[:, None]
-            allowed = self.visible(*layer.columns, rows) | itself  # a pad row sees itself, not nothing
+            allowed = layer.allowed(self.visible, rows)
         else:  # one sequence in columns: scoring, or a cache that keeps everything
             require(self._marks is not None and self._marks.shape[1] == columns,
                     f"{self.name}: {columns} keys but marks known for "
@@ -238,15 +263,26 @@ class TokenMethod(Method):
         return TokenEvictingLayer(self.keep, self._marks_of_new, self._record if layer_idx == 0 else None,
                                   self._positions_of_new)
 
+    def static_cache(self, model, batch_size: int, max_cache_len: int):
+        """The bench's `method_static` cache: the same rule in buffers written in place (see _token_static)."""
+        from chai.methods._token_static import StaticTokenLayer  # it builds on this module
+
+        return Cache(layers=[StaticTokenLayer(self.keep, self._marks_of_new, self._record if i == 0 else None,
+                                              self._positions_of_new, max_cache_len, batch_size)
+                             for i in range(AttnShape.of(model.config).layers)])
+
     def kv_bytes(self, config, batch: int, tokens: int, dtype_bytes: int) -> dict:
         """batch x max(kept) tokens (the cache pads requests to the longest), kept counted by the rule from the ids
-        of the last sequence seen when it has `batch` rows and at least `tokens` tokens (from its first `tokens`:
-        what the cache held at that length, e.g. after the prompt of a prefill and decode), else
-        `unknown_kept(tokens)`."""
+        of the last sequence seen when it has `batch` rows: at `tokens` when it has that many (from its first
+        `tokens`: what the cache held at that length, e.g. after the prompt of a prefill and decode); past its end,
+        what it kept at its end plus every later token (the bound a static cache is sized by: its prompt, then
+        `tokens` - prompt decode steps); without ids, `unknown_kept(tokens)`."""
         marks = self._marks
         kept = self.unknown_kept(tokens)
-        if marks is not None and marks.shape[0] == batch and marks.shape[1] >= tokens and batch:
-            kept = int(self.kept_tokens(marks, torch.full((batch,), tokens, device=marks.device)).max())
+        if marks is not None and marks.shape[0] == batch and batch:
+            known = min(tokens, marks.shape[1])
+            kept = int(self.kept_tokens(marks, torch.full((batch,), known, device=marks.device)).max())
+            kept += tokens - known
         per_token = AttnShape.of(config).dense_kv_bytes_per_token(dtype_bytes)
         return {name: batch * kept * value for name, value in per_token.items()}
 
