@@ -81,6 +81,22 @@ def test_bytes_held_equal_the_analytic_count_of_kept_tokens(tiny_llama, length):
     assert_cache_holds_the_kept_tokens(model, m, ids, expected_kept(ids, 2, 4))
 
 
+def test_the_cache_decides_what_to_evict_once_a_forward(tiny_llama):
+    """Every layer holds the same tokens under the same rule: the first layer's eviction plan (one keep decision,
+    one host sync) serves the others, in a prefill and in a decode step."""
+    model, _ = tiny_llama
+    m, calls = method(sinks=2, window=4, separated=True), []
+    rule = m.keep
+    m.keep = lambda *args: calls.append(1) or rule(*args)
+    ids = ids_with_separators(12)
+    with torch.no_grad(), m.applied(model):
+        cache = m.make_cache(model)
+        model(ids[:, :8], past_key_values=cache)
+        model(ids[:, 8:9], past_key_values=cache)
+    assert len(calls) == 2 and len(cache.layers) == 3
+    assert len({id(layer.positions) for layer in cache.layers}) == 1
+
+
 def test_scoring_reports_what_the_cache_would_keep(tiny_llama):
     model, _ = tiny_llama
     ids, m = ids_with_separators(16), method(sinks=2, window=4, separated=True)

@@ -47,13 +47,17 @@ class TokenEvictingLayer(TokenLayer, DynamicLayer):
     new_marks(batch, tokens, device) -> [B, Tn] bool: the marks of this forward's tokens.
     on_evict(kept [B], seen): told after every eviction (the method's statistics).
     new_positions(batch, tokens, device) -> [B, Tn] positions of this forward's tokens (-1: padding), or None when
-    they are their columns (no padding)."""
+    they are their columns (no padding).
+    shared: a dict every layer of one cache holds, where the first layer leaves each forward's eviction plan for the
+    others (the same tokens under the same rule: one keep decision and one host sync a forward, not one a layer)."""
 
     is_croppable = False  # evicted tokens cannot come back
 
-    def __init__(self, keep, new_marks, on_evict=None, new_positions=None):
+    def __init__(self, keep, new_marks, on_evict=None, new_positions=None, shared: dict | None = None,
+                 first: bool = True):
         super().__init__()
         self.keep, self.new_marks, self.on_evict, self.new_positions = keep, new_marks, on_evict, new_positions
+        self.shared, self.first = ({} if shared is None else shared), first
         self.seen = 0
         self.positions = self.marked = None
         self.columns = None  # (positions, marked) [B, Tk] of the keys `update` returned last: attention reads them
@@ -83,16 +87,23 @@ class TokenEvictingLayer(TokenLayer, DynamicLayer):
         return given, last + 1
 
     def _evict(self, keys, values, positions, marked, upcoming) -> None:
-        keep = (positions >= 0) & self.keep(positions, marked, upcoming)  # [B, N]
-        counts = keep.sum(dim=1)
-        width = int(counts.max()) if counts.numel() else 0  # one host sync per layer and forward
-        order, used = take_columns(keep, counts, width)
-        self.positions = torch.where(used, positions.gather(1, order), -1)
-        self.marked = marked.gather(1, order) & used
+        key = (self.seen, tuple(positions.shape))  # a later layer of the same forward finds the first one's plan
+        plan = self.shared.get("plan")
+        if self.first or plan is None or plan[0] != key:
+            plan = self.shared["plan"] = (key, *self._plan(positions, marked, upcoming))
+        _, order, used, counts, self.positions, self.marked = plan
         self.keys = _take(keys, order, used)
         self.values = _take(values, order, used)
         if self.on_evict is not None:
             self.on_evict(counts, upcoming)
+
+    def _plan(self, positions, marked, upcoming):
+        """(order, used, counts, positions, marked) of what the rule keeps: the kept columns first, in order."""
+        keep = (positions >= 0) & self.keep(positions, marked, upcoming)  # [B, N]
+        counts = keep.sum(dim=1)
+        width = int(counts.max()) if counts.numel() else 0  # the one host sync of a forward
+        order, used = take_columns(keep, counts, width)
+        return order, used, counts, torch.where(used, positions.gather(1, order), -1), marked.gather(1, order) & used
 
     def allowed(self, visible, rows: int) -> torch.Tensor:
         """[B, 1, rows, Tk] what this forward's queries (the last `rows` columns) see under the rule `visible`; a
@@ -259,9 +270,14 @@ class TokenMethod(Method):
         positions = self._new_positions
         return None if positions is None else positions.to(device)
 
-    def cache_layer(self, layer_idx: int, config):
+    def cache_layer(self, layer_idx: int, config, shared: dict | None = None):
         return TokenEvictingLayer(self.keep, self._marks_of_new, self._record if layer_idx == 0 else None,
-                                  self._positions_of_new)
+                                  self._positions_of_new, shared, first=layer_idx == 0)
+
+    def make_cache(self, model) -> Cache:
+        shared = {}  # the layers' common eviction plan, one a forward (TokenEvictingLayer)
+        layers = AttnShape.of(model.config).layers
+        return Cache(layers=[self.cache_layer(i, model.config, shared) for i in range(layers)])
 
     def static_cache(self, model, batch_size: int, max_cache_len: int):
         """The bench's `method_static` cache: the same rule in buffers written in place (see _token_static)."""
