@@ -283,8 +283,9 @@ class TokenMethod(Method):
         """The bench's `method_static` cache: the same rule in buffers written in place (see _token_static)."""
         from chai.methods._token_static import StaticTokenLayer  # it builds on this module
 
+        shared = {}  # the prompt's plan, made by the first layer for all
         return Cache(layers=[StaticTokenLayer(self.keep, self._marks_of_new, self._record if i == 0 else None,
-                                              self._positions_of_new, max_cache_len, batch_size)
+                                              self._positions_of_new, max_cache_len, batch_size, shared, i == 0)
                              for i in range(AttnShape.of(model.config).layers)])
 
     def kv_bytes(self, config, batch: int, tokens: int, dtype_bytes: int) -> dict:

@@ -26,9 +26,11 @@ class StaticTokenLayer(TokenLayer, StaticLayer):
 
     is_croppable = False
 
-    def __init__(self, keep, new_marks, on_evict, new_positions, max_cache_len: int, batch_size: int):
+    def __init__(self, keep, new_marks, on_evict, new_positions, max_cache_len: int, batch_size: int,
+                 shared: dict | None = None, first: bool = True):
         super().__init__(max_cache_len=max_cache_len)
         self.keep, self.new_marks, self.on_evict, self.new_positions = keep, new_marks, on_evict, new_positions
+        self.shared, self.first = ({} if shared is None else shared), first  # the prompt's plan, as the dynamic layer
         self.batch_size = batch_size
         self.capacity: int | None = None  # slots per request, set by the first prompt
         self.prefilled = False  # Python: set by a prompt, constant while decoding (a compiled step's guard)
@@ -46,9 +48,12 @@ class StaticTokenLayer(TokenLayer, StaticLayer):
                             f"{batch}{' with padding' if batch == self.batch_size else ''}.")
         positions = torch.arange(tokens, device=device).expand(batch, tokens)
         marks = self.new_marks(batch, tokens, device)
-        keep = self.keep(positions, marks, tokens)
-        counts = keep.sum(dim=1)
-        most = int(counts.max())  # one host sync a layer, in the prompt only
+        plan = self.shared.get("prompt")
+        if self.first or plan is None or plan[0] != (batch, tokens):
+            keep = self.keep(positions, marks, tokens)
+            counts = keep.sum(dim=1)
+            plan = self.shared["prompt"] = ((batch, tokens), keep, counts, int(counts.max()))  # the prompt's one sync
+        _, keep, counts, most = plan
         self._allocate(key_states, value_states, most + self.max_cache_len - tokens)
         if most + self.max_cache_len - tokens > self.capacity:
             raise ChaiError(f"this static token cache holds {self.capacity} tokens a request (set by its first "
