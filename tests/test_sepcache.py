@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from chai.methods import build_method
+from chai.methods._token_cache import is_marked
 from chai.methods.base import RunContext
 from chai.methods.sepcache import SepCache, StreamingLLM, separator_ids
 from tests.conftest import random_ids
@@ -144,3 +145,10 @@ def test_configs_build_and_show_their_settings():
     assert shown["label"] == "StreamingLLM window 256, sinks 4" and shown["family"] == "StreamingLLM"  # its own line
     no_separators = build_method(compose_cfg(["method=sepcache", "method.separators=[]"]).method)
     assert no_separators.display(no_separators.settings())["label"].endswith("no separators")
+
+
+def test_marks_are_the_ids_torch_isin_finds():
+    """The broadcast compare the hook uses (no host sync under CUDA-graph capture) finds what torch.isin finds."""
+    ids, table = random_ids(3, 50, vocab=300), torch.tensor([0, 7, 11, 13, 299, 12345])
+    assert torch.equal(is_marked(ids, table), torch.isin(ids, table)) and is_marked(ids, table).any()
+    assert not is_marked(ids, torch.zeros(0, dtype=torch.long)).any()
