@@ -13,7 +13,8 @@
 #                                            # against full-cache MHA and, apart, recomputation: batch 1/8 x 4k/8k on
 #                                            # the Llama-2-7B shape, ~6 min; needs SmolLM2's tokenizer and C4 here
 #                                            # (gpu_carry.sh's gguf parts and data.tgz, unpacked by gpu_setup.sh)
-# Writes $OUT/results/bench/runs.jsonl (copy it to results/bench/runs.jsonl of the repository), $OUT/bench.log and
+# Writes $OUT/results/bench/runs.jsonl (append its new lines to results/bench/h200/runs.jsonl of the repository: the
+# committed records are kept one file per GPU, which the report reads together), $OUT/bench.log and
 # $OUT/bench_table.md. Records accumulate in RESULTS (default outputs/gpu_bench, git-ignored: kept on a warm machine
 # between calls) and recorded cells are reused, so a call cut short by BUDGET_S (default 540 s) goes on in the next.
 set -uo pipefail

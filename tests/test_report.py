@@ -339,6 +339,19 @@ def test_bench_table_has_one_block_per_model_and_gpu(report, results):
     assert "| 4 | 1024 |" in text and "| OOM |" in text  # the out-of-memory cell is shown as such
 
 
+def test_bench_table_reads_records_kept_in_several_files(report, results, tmp_path):
+    """The committed bench records are kept one runs.jsonl per GPU under results/bench/ (each file stays small): the
+    table of the records split over two files is the table of them in one."""
+    from chai.report.bench_table import write_bench_table
+
+    lines = (results / "bench" / "runs.jsonl").read_text().splitlines(keepends=True)
+    for name, part in (("a", lines[::2]), ("b", lines[1::2])):
+        (tmp_path / "bench" / name).mkdir(parents=True)
+        (tmp_path / "bench" / name / "runs.jsonl").write_text("".join(part))
+    write_bench_table(tmp_path, tmp_path / "out")
+    assert (tmp_path / "out" / "bench_table.md").read_text() == (results / "bench" / "bench_table.md").read_text()
+
+
 # --- per-item outcomes: paired intervals in the tables; the accuracy-against-memory figure and savings table ---
 
 def with_items(rec: dict, values) -> dict:

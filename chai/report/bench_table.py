@@ -1,7 +1,7 @@
 """The bench's key ratios as Markdown, one table per (model, GPU): the latest record of every cell of a bench
 runs.jsonl. Written by `make figures` beside the records, and by scripts/gpu_bench.sh on the GPU machine:
 
-    python -m chai.report.bench_table results/bench/runs.jsonl > results/bench/bench_table.md
+    python -m chai.report.bench_table results/bench/*/runs.jsonl > results/bench/bench_table.md
 """
 
 import json
@@ -19,11 +19,11 @@ def _f(x, fmt=".2f"):
     return "-" if x is None else format(x, fmt)
 
 
-def _latest_cells(path: Path) -> tuple[dict, dict]:
+def _latest_cells(paths: list[Path]) -> tuple[dict, dict]:
     """{(model, gpu, batch, seq, display order, label, path): (label, bench, error)} and {(model, gpu): note}; a
     method is named and ordered by its record's display."""
     latest, notes = {}, {}
-    for line in path.read_text().splitlines():
+    for line in (line for path in paths for line in path.read_text().splitlines()):
         try:
             r = json.loads(line)
         except json.JSONDecodeError:  # a torn last line of an interrupted run
@@ -73,8 +73,9 @@ def _recompute_rows(cells: list) -> list[str]:
     return ["", *RECOMPUTE_HEADER, *rows] if rows else []
 
 
-def render(path: Path) -> str:
-    latest, notes = _latest_cells(Path(path))
+def render(*paths: Path) -> str:
+    """The tables of the bench cells in `paths` (runs.jsonl files, read in order: a later record of a cell wins)."""
+    latest, notes = _latest_cells([Path(p) for p in paths])
     if not latest:
         return "No bench cells recorded.\n"
     out = []
@@ -88,15 +89,16 @@ def render(path: Path) -> str:
 
 
 def write_bench_table(results: Path, out: Path) -> tuple[list, list]:
-    """results/bench/runs.jsonl -> `out`/bench_table.md (a build step: (written, skipped))."""
-    records = Path(results) / "bench" / "runs.jsonl"
-    if not records.exists():
+    """results/bench/**/runs.jsonl (a run's own file, and the committed ones kept per GPU so each stays small) ->
+    `out`/bench_table.md (a build step: (written, skipped))."""
+    records = sorted((Path(results) / "bench").glob("**/runs.jsonl"))
+    if not records:
         return [], ["bench_table: no bench records (run `bash scripts/gpu_bench.sh` on a GPU)"]
     out.mkdir(parents=True, exist_ok=True)
     target = out / "bench_table.md"
-    target.write_text(render(records))
+    target.write_text(render(*records))
     return [target], []
 
 
 if __name__ == "__main__":
-    sys.stdout.write(render(Path(sys.argv[1])))
+    sys.stdout.write(render(*sys.argv[1:]))
