@@ -7,9 +7,10 @@ from transformers.cache_utils import DynamicLayer
 from chai.clustering import Membership
 from chai.methods._chai_attention import pick
 from chai.methods._chai_plan import ChaiSession
+from chai.methods.base import ReturnedKeys
 
 
-class ChaiLayer(DynamicLayer):
+class ChaiLayer(ReturnedKeys, DynamicLayer):
     """A cache layer that keeps every K head until its layer's membership is known, then only the K of the KV heads
     representatives read (V too with `share_values`). keys [B, S, T, D] with S <= Hkv, values [B, Hkv or S, T, D]."""
 
@@ -19,7 +20,6 @@ class ChaiLayer(DynamicLayer):
         self.membership: Membership | None = None
         self.queries: torch.Tensor | None = None  # [B, H, <m, D] first query rows, until the layer clusters
         self.past = 0  # tokens cached before the current forward
-        self.returned = None  # the keys `update` returned last (the handshake checks it is this forward's)
 
     def update(self, key_states, value_states, *args, **kwargs):
         self.past = self.get_seq_length()

@@ -135,10 +135,7 @@ class ChaiSession:
         """The cache layer that returned `key` for this layer, or None (no CHAI cache, or a stale announcement:
         that cache was updated without this attention function running)."""
         layer = self._updated.pop(layer_idx, None)
-        if layer is None:
-            return None
-        returned, layer.returned = layer.returned, None  # held on, a prompt's keys of every head outlived the prefill
-        return layer if returned is key else None
+        return layer if layer is not None and layer.take_returned(key) else None
 
     def mask_is_full(self, mask: torch.Tensor | None) -> bool:
         """Whether a decode mask attends everywhere (one host sync per forward: every layer gets the same mask)."""

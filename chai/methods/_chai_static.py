@@ -23,9 +23,10 @@ from chai.errors import ChaiError
 from chai.kernels.clustered_decode import clustered_decode_attention
 from chai.methods._chai_attention import causal, cluster_first_tokens, clustered, first_clustered, pick
 from chai.methods._chai_plan import ChaiSession
+from chai.methods.base import ReturnedKeys
 
 
-class ChaiStaticLayer(StaticLayer):
+class ChaiStaticLayer(ReturnedKeys, StaticLayer):
     """A CHAI cache layer of fixed size (see the module docstring): keys [B, S, L, D], values [B, Hkv or S, L, D],
     membership buffers labels [B, H], reps [B, C], kv_keep [B, S], rep_slot [B, C], v_index [B, H]."""
 
@@ -37,7 +38,6 @@ class ChaiStaticLayer(StaticLayer):
         self.ready = False  # membership buffers filled (Python: set by an eager prefill, constant while decoding)
         self.host_filled: int | None = 0  # the fill counter as the host knows it (None: a decode step moved it)
         self.pending = None  # online: the first forward's (keys, values, positions) until it has clustered
-        self.returned = None  # the keys `update` returned last (the handshake checks it is this forward's)
         self.graph: MembershipGraph | None = None  # online, CUDA: the clustering as a CUDA graph
 
     def lazy_initialization(self, key_states, value_states) -> None:

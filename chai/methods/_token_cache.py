@@ -21,22 +21,15 @@ from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
 from chai.attention import AttnShape, dense
 from chai.errors import require
-from chai.methods.base import Method, RunStats
+from chai.methods.base import Method, ReturnedKeys, RunStats, shared_plan
 
 
-class TokenLayer:
+class TokenLayer(ReturnedKeys):
     """What the token methods' attention asks of their cache layers, dynamic (`TokenEvictingLayer`) or static
     (`chai.methods._token_static.StaticTokenLayer`): `columns`, (positions, marked) of the keys `update` returned
     last, `take_returned(key)` and `allowed(visible, rows)`."""
 
-    columns = returned = None
-
-    def take_returned(self, key: torch.Tensor) -> bool:
-        """Whether `key` is what `update` returned last, forgetting it: held on, every layer's prompt keys stayed
-        alive until the next forward (8 x 8192 on the Llama-2-7B shape: 17.2 GB beside a 1.1 GB StreamingLLM cache,
-        the H200 bench's allocator delta)."""
-        returned, self.returned = self.returned, None
-        return returned is key
+    columns = None
 
 
 class TokenEvictingLayer(TokenLayer, DynamicLayer):
@@ -61,7 +54,6 @@ class TokenEvictingLayer(TokenLayer, DynamicLayer):
         self.seen = 0
         self.positions = self.marked = None
         self.columns = None  # (positions, marked) [B, Tk] of the keys `update` returned last: attention reads them
-        self.returned = None  # those keys, until the attention checks it got them (`take_returned`)
 
     def update(self, key_states, value_states, *args, **kwargs):
         batch, _, new, _ = key_states.shape
@@ -88,10 +80,8 @@ class TokenEvictingLayer(TokenLayer, DynamicLayer):
 
     def _evict(self, keys, values, positions, marked, upcoming) -> None:
         key = (self.seen, tuple(positions.shape))  # a later layer of the same forward finds the first one's plan
-        plan = self.shared.get("plan")
-        if self.first or plan is None or plan[0] != key:
-            plan = self.shared["plan"] = (key, *self._plan(positions, marked, upcoming))
-        _, order, used, counts, self.positions, self.marked = plan
+        order, used, counts, self.positions, self.marked = shared_plan(
+            self.shared, self.first, key, lambda: self._plan(positions, marked, upcoming))
         self.keys = _take(keys, order, used)
         self.values = _take(values, order, used)
         if self.on_evict is not None:

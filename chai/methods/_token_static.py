@@ -17,6 +17,7 @@ from transformers.cache_utils import StaticLayer
 
 from chai.errors import ChaiError
 from chai.methods._token_cache import TokenLayer, take_columns
+from chai.methods.base import shared_plan
 
 
 class StaticTokenLayer(TokenLayer, StaticLayer):
@@ -48,12 +49,8 @@ class StaticTokenLayer(TokenLayer, StaticLayer):
                             f"{batch}{' with padding' if batch == self.batch_size else ''}.")
         positions = torch.arange(tokens, device=device).expand(batch, tokens)
         marks = self.new_marks(batch, tokens, device)
-        plan = self.shared.get("prompt")
-        if self.first or plan is None or plan[0] != (batch, tokens):
-            keep = self.keep(positions, marks, tokens)
-            counts = keep.sum(dim=1)
-            plan = self.shared["prompt"] = ((batch, tokens), keep, counts, int(counts.max()))  # the prompt's one sync
-        _, keep, counts, most = plan
+        keep, counts, most = shared_plan(self.shared, self.first, (batch, tokens),
+                                         lambda: self._plan(positions, marks, tokens))
         self._allocate(key_states, value_states, most + self.max_cache_len - tokens)
         if most + self.max_cache_len - tokens > self.capacity:
             raise ChaiError(f"this static token cache holds {self.capacity} tokens a request (set by its first "
@@ -74,6 +71,12 @@ class StaticTokenLayer(TokenLayer, StaticLayer):
         if self.on_evict is not None:
             self.on_evict(counts, tokens)
         return key_states, value_states
+
+    def _plan(self, positions, marks, tokens: int):
+        """(keep, counts, the most any request keeps) of a prompt: its one host sync."""
+        keep = self.keep(positions, marks, tokens)
+        counts = keep.sum(dim=1)
+        return keep, counts, int(counts.max())
 
     def _allocate(self, key_states, value_states, capacity: int) -> None:
         if self.is_initialized:

@@ -55,6 +55,30 @@ class RunStats:
     extra: dict = field(default_factory=dict)
 
 
+class ReturnedKeys:
+    """A cache layer whose method's attention checks that the keys it got are the ones `update` returned last
+    (transformers passes the attention function tensors, not the cache layer): `update` sets `returned`, and the
+    attention calls `take_returned`."""
+
+    returned = None
+
+    def take_returned(self, key) -> bool:
+        """Whether `key` is what `update` returned last, forgetting it: held on, every layer's prompt keys stayed
+        alive until the next forward (8 x 8192 on the Llama-2-7B shape: 17.2 GB beside a 1.1 GB StreamingLLM cache,
+        the H200 bench's allocator delta; CHAI's caches held every head's)."""
+        returned, self.returned = self.returned, None
+        return returned is key
+
+
+def shared_plan(shared: dict, first: bool, key, make):
+    """What `make()` returns, made by a cache's first layer and reused by the others while `key` matches: every
+    layer of a forward sees the same tokens under the same rule (one decision and one host sync a forward)."""
+    plan = shared.get("plan")
+    if first or plan is None or plan[0] != key:
+        plan = shared["plan"] = (key, make())
+    return plan[1]
+
+
 @dataclass
 class Method:
     name: ClassVar[str] = "base"
