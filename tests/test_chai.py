@@ -290,7 +290,10 @@ def test_smollm2_batch_membership_and_bytes(smollm2, piqa_rows):
     together = logits(model, batch, method, cache)
     for row, p in enumerate(prompts):
         alone = logits(model, p[None], method)
-        torch.testing.assert_close(together[row, : len(p)], alone[0], rtol=0, atol=1e-4)
+        # float32 rounding by shape: MHA's own batched and single logits differ by up to 7e-5 on some CPUs, and
+        # CHAI's shared scores carry such a difference through 30 layers to 4.3e-4 (logits up to ~30); a request
+        # clustered with another's heads or K would be off by far more.
+        torch.testing.assert_close(together[row, : len(p)], alone[0], rtol=0, atol=1e-3)
     per_token = method.kv_bytes_per_token(model.config, 4)
     measured = measure_kv_bytes_per_token(model, method, prompts[0][None])
     assert measured["k"] <= per_token["k"] < AttnShape.of(model.config).dense_kv_bytes_per_token(4)["k"]

@@ -17,6 +17,7 @@ from chai.cli import run_mode
 from chai.errors import ChaiError
 from chai.methods import build_method
 from chai.methods._chai_attention import clustered_prefill
+from chai.methods import _chai_static
 from chai.methods._chai_static import ChaiStaticLayer
 from chai.methods.chai import ChaiLayer
 from tests.conftest import build_tiny_gqa, random_ids
@@ -92,10 +93,14 @@ def test_static_step_traces_with_fullgraph(tiny_llama, kind, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_graphed_membership_equals_the_eager_one_on_the_gpu():
-    """On CUDA the static cache clusters through one CUDA graph per layer, captured at its first prefill: for two
-    different prompts in turn (the replay must read the new one), the same memberships and tokens as the dynamic
-    cache, which clusters eagerly."""
+@pytest.mark.parametrize("fused", [True, False])
+def test_graphed_membership_equals_the_eager_one_on_the_gpu(fused, monkeypatch):
+    """On CUDA the static cache clusters with one fused kernel launch per layer, or (`fused` off: a setting the
+    kernel does not cover) through one CUDA graph per layer, captured at its first prefill: for two different
+    prompts in turn (the replay must read the new one), the same memberships and tokens as the dynamic cache, which
+    clusters eagerly."""
+    if not fused:
+        monkeypatch.setattr(_chai_static, "use_fused_membership", lambda plan, query: False)
     model = build_tiny_gqa(layers=3).cuda()
     method = method_of({"name": "chai", "num_clusters": 3}, model)
     with torch.no_grad(), method.applied(model):
@@ -108,7 +113,7 @@ def test_graphed_membership_equals_the_eager_one_on_the_gpu():
             cache.reset()
             static = greedy(model, ids, cache, 3)
             clustered = [i for i, layer in enumerate(cache.layers) if isinstance(layer, ChaiStaticLayer)]
-            assert clustered and all(cache.layers[i].graph is not None for i in clustered)
+            assert clustered and all((cache.layers[i].graph is None) == fused for i in clustered)
             assert torch.equal(dynamic, static)
             assert all(torch.equal(cache.layers[i].labels, eager[i]) for i in clustered)
 

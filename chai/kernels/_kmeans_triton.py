@@ -8,6 +8,8 @@ the distances [BN, BK]. Loops run as while loops, as the interpreter cannot loop
 (n >= N) are zero rows that never take part in a mean, an argmax or a canonical number; padded clusters (j >= k)
 are at distance +inf from every point and so never win an argmin. Distances use the reference's matmul form
 |x|^2 + |c|^2 - 2 x.c, clamped at 0, so that rounding (and hence tie-breaking) follows it as closely as it can.
+The kernel's body is three jit functions, `centre`, `lloyd` and `canonical`, which the fused membership kernel
+(`_membership_triton`) runs too.
 """
 
 import triton
@@ -101,7 +103,7 @@ def _refill(x, xx, labels, centers, sizes, row_ok, k, tol, BN: tl.constexpr, BK:
 
 
 @triton.jit
-def _canonical(labels, N, BN: tl.constexpr, BK: tl.constexpr):
+def canonical(labels, N, BN: tl.constexpr, BK: tl.constexpr):
     """Renumber clusters by their lowest member head, empty ones last (by index): labels [BN] -> [BN]."""
     heads = tl.arange(0, BN)
     clusters = tl.arange(0, BK)
@@ -111,6 +113,34 @@ def _canonical(labels, N, BN: tl.constexpr, BK: tl.constexpr):
                                                     & (clusters[None, :] < clusters[:, None]))
     rank = tl.sum(before.to(tl.int32), axis=1)  # [BK]: clusters sorted before each
     return tl.sum(tl.where(mine, rank[None, :], 0), axis=1)
+
+
+@triton.jit
+def centre(x, ok, N):
+    """Points x [BN, BF] (zeros outside `ok`) minus their mean (as the reference: sum, then / N), their squared norms
+    xx [BN] and the tolerance below which a squared distance counts as rounding."""
+    x = tl.where(ok, x - (tl.sum(x, axis=0) / N)[None, :], 0.0)
+    xx = tl.sum(x * x, axis=1)
+    tol = 1e-5 * tl.maximum(tl.sum(xx, axis=0) / N, 1e-30)
+    return x, xx, tol
+
+
+@triton.jit
+def lloyd(x, xx, tol, row_ok, k, iters, BN: tl.constexpr, BK: tl.constexpr):
+    """K-Means of the centred points x [BN, BF] from farthest-point seeds: labels [BN] (not yet canonical) and the
+    centers [BK, BF] they were last assigned to."""
+    centers = _seed(x, xx, row_ok, k, tol, BN, BK)
+    labels = _assign(x, xx, centers, k, row_ok, BK)
+    step = 0
+    moving = step < iters
+    while moving:  # Lloyd until the labels stop changing, at most `iters` updates
+        centers, sizes = _means(x, labels, centers, BK)
+        labels, centers = _refill(x, xx, labels, centers, sizes, row_ok, k, tol, BN, BK)
+        new = _assign(x, xx, centers, k, row_ok, BK)
+        step += 1
+        moving = (tl.sum((new != labels).to(tl.int32), axis=0) > 0) & (step < iters)
+        labels = new
+    return labels, centers
 
 
 @triton.jit(do_not_specialize=["k"])  # k changes from layer to layer: one compile serves every k up to BK
@@ -123,23 +153,10 @@ def kmeans_kernel(X, Labels, Inertia, N, F, k, iters,
     row_ok = heads < N
     ok = row_ok[:, None] & (feats[None, :] < F)
     x = tl.load(X + b * N * F + heads[:, None] * F + feats[None, :], mask=ok, other=0.0)
-    x = tl.where(ok, x - (tl.sum(x, axis=0) / N)[None, :], 0.0)  # centred, as the reference: sum, then / N
-    xx = tl.sum(x * x, axis=1)
-    tol = 1e-5 * tl.maximum(tl.sum(xx, axis=0) / N, 1e-30)
-
-    centers = _seed(x, xx, row_ok, k, tol, BN, BK)
-    labels = _assign(x, xx, centers, k, row_ok, BK)
-    step = 0
-    moving = step < iters
-    while moving:  # Lloyd until the labels stop changing, at most `iters` updates
-        centers, sizes = _means(x, labels, centers, BK)
-        labels, centers = _refill(x, xx, labels, centers, sizes, row_ok, k, tol, BN, BK)
-        new = _assign(x, xx, centers, k, row_ok, BK)
-        step += 1
-        moving = (tl.sum((new != labels).to(tl.int32), axis=0) > 0) & (step < iters)
-        labels = new
+    x, xx, tol = centre(x, ok, N)
+    labels, centers = lloyd(x, xx, tol, row_ok, k, iters, BN, BK)
 
     centers, _ = _means(x, labels, centers, BK)
     own = tl.sum(tl.where(labels[:, None] == tl.arange(0, BK)[None, :], _sqdist(x, xx, centers, k, BK), 0.0), axis=1)
     tl.store(Inertia + b, tl.sum(own, axis=0))
-    tl.store(Labels + b * N + heads, _canonical(labels, N, BN, BK).to(tl.int64), mask=row_ok)
+    tl.store(Labels + b * N + heads, canonical(labels, N, BN, BK).to(tl.int64), mask=row_ok)

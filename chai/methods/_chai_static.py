@@ -7,11 +7,14 @@ at the first update and written in place at the fill counter (a device tensor), 
 Membership (labels, reps, kept KV heads, representative slots) lives in preallocated buffers that a prefill fills
 with `copy_`, so a step captured after one prefill stays valid after `reset()` and the next. Online membership: the
 first forward must hold at least `membership_tokens` tokens (the whole prompt); it clusters on the device (no host
-sync when the batch is unpadded) and writes the kept K after clustering. On CUDA that clustering (about 60 small
-kernels a layer) replays as one CUDA graph per layer (`MembershipGraph`, captured at the cache's first prefill):
-launched one by one, its kernels cost the host more time than the GPU spends on a whole layer at batch 1. A decode step (one query token) reads K and
-V through `clustered_decode_attention` with the fill counter as the valid length: no host sync, no Python state that
-changes between steps. Padded batches are refused at prefill (the step does not read the mask).
+sync when the batch is unpadded) and writes the kept K after clustering. With the paper's clustering (causal
+features, K-Means, first representatives) that is one Triton launch per layer, from the first m query and key rows
+straight into the buffers (`chai.kernels.fused_membership`, on CUDA or under Triton's interpreter); any other
+setting runs the torch chain (about 60 small kernels a layer), on CUDA replayed as one CUDA graph per layer
+(`MembershipGraph`, captured at the cache's first prefill): launched one by one, its kernels cost the host more time
+than the GPU spends on a whole layer at batch 1. A decode step (one query token) reads K and V through
+`clustered_decode_attention` with the fill counter as the valid length: no host sync, no Python state that changes
+between steps. Padded batches are refused at prefill (the step does not read the mask).
 """
 
 import torch
@@ -21,6 +24,7 @@ from chai.attention import plain_causal
 from chai.clustering import Membership
 from chai.errors import ChaiError
 from chai.kernels.clustered_decode import clustered_decode_attention
+from chai.kernels.fused_membership import fused_membership, use_fused_membership
 from chai.methods._chai_attention import causal, cluster_first_tokens, clustered, first_clustered, pick
 from chai.methods._chai_plan import ChaiSession
 from chai.methods.base import ReturnedKeys
@@ -142,7 +146,11 @@ class ChaiStaticLayer(ReturnedKeys, StaticLayer):
         q_first, k_first = query[:, :, :m], key[:, :, :m]
         log = self.session.log
         started = log.start(query.device)
-        if MembershipGraph.usable(query):
+        if use_fused_membership(self.plan, query):  # one launch, straight into the buffers
+            fused_membership(q_first, k_first, scaling, self.plan.counts[self.layer_idx], self.kept,
+                             out=(self.labels, self.reps, self.kv_keep, self.rep_slot, self.v_index))
+            self.ready = True
+        elif MembershipGraph.usable(query):
             if self.graph is None:
                 self.graph = MembershipGraph(self.fill_membership, q_first, k_first, scaling)
             self.graph.replay(q_first, k_first)
