@@ -211,6 +211,22 @@ def test_method_paths_are_timed_against_every_baseline(tmp_path, monkeypatch):
             b["speedup_vs_fastest_mha"] / b["roofline_predicted_speedup_vs_mha"])
 
 
+def test_a_method_run_alone_is_compared_with_the_baselines_recorded_before(tmp_path):
+    """The baselines first, then the method's path in a run of its own (e.g. a path added later): its record's
+    speedups are against the recorded baseline cells, whose records stay as they were."""
+    run_mode(bench_cfg(tmp_path, "bench.seq_lens=[8]", "bench.paths=[sdpa,recompute]"), overrides=[])
+    before = {r["bench"]["path"]: r for r in cells(tmp_path)}
+    run_mode(bench_cfg(tmp_path, "bench.seq_lens=[8]", "bench.paths=[method]", method="standin_clustered"),
+             overrides=[])
+    after = cells(tmp_path)
+    assert [r["bench"]["path"] for r in after] == ["sdpa", "recompute", "method"]
+    assert after[:2] == list(before.values())  # the recorded baselines are not rewritten
+    b, ttnt = after[2]["bench"], {p: r["bench"]["ttnt_ms"]["median"] for p, r in before.items()}
+    assert b["speedup_vs"]["mha_sdpa"] == pytest.approx(ttnt["sdpa"] / b["ttnt_ms"]["median"])
+    assert b["speedup_vs_comparable"] == b["speedup_vs"]["mha_sdpa"] and b["fastest_mha_path"] == "mha_sdpa"
+    assert b["vs_recompute"]["ttnt_speedup"] == pytest.approx(ttnt["recompute"] / b["ttnt_ms"]["median"])
+
+
 @pytest.mark.parametrize("kind", ["compile", "cudagraph"])
 @pytest.mark.parametrize("method", ["mha", "standin_clustered"])
 def test_static_step_decodes_like_the_dynamic_cache(tiny_llama, method, kind, monkeypatch):

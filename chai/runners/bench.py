@@ -108,6 +108,10 @@ def run(cfg, record: dict) -> dict:
             weights[path.name], params[path.name] = weight_bytes_per_step(model), matrix_params(model)
     config, out_path = OmegaConf.to_container(cfg, resolve=True), Path(record["results_path"])
     done = finished_cells(out_path) if cfg.resume else {}
+    # Baseline cells recorded earlier (same settings, same GPU) that this run's paths leave out: a run of the method's
+    # paths alone is still compared with them, as if they had been asked for and reused.
+    recorded = [p for p in plan(OmegaConf.merge(cfg, {"bench": {"paths": [*BASELINE_PATHS, RECOMPUTE]}}), method,
+                                baseline, default_attn)[0] if p.name not in {q.name for q in paths}] if done else []
     counts, shown = {"measured": 0, "reused": 0, "errors": 0, "oom": 0}, []
     for batch in bcfg.batch_sizes:
         for seq_len in bcfg.seq_lens:
@@ -128,7 +132,13 @@ def run(cfg, record: dict) -> dict:
                 fresh.append(rec)
                 counts.update(measured=counts["measured"] + 1, errors=counts["errors"] + bool(rec["error"]),
                               oom=counts["oom"] + bool(rec["oom"]))
-            annotate(group)  # against the baselines of this (batch, seq_len), reused ones included
+            compared = dict(group)
+            for path in recorded:
+                cell = cell_config(config, path, batch, seq_len, record["device"]["name"],
+                                   bench.static_step_kind(bcfg, device))
+                if run_key(cell) in done:
+                    compared[path.name] = done[run_key(cell)]
+            annotate(compared)  # against the baselines of this (batch, seq_len), reused and recorded ones included
             shown += [cell_summary(rec) for rec in group.values()]
             for rec in fresh:
                 append_jsonl(out_path, rec)
