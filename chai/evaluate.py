@@ -63,6 +63,18 @@ class CountingHFLM(HFLM):
         finally:
             self._prompt_of = lookup
 
+    def _encode_pair(self, context: str, continuation: str):
+        """A scored request: the method reads the context as `Method.input_text` gives it, the continuation as it is
+        (what is scored is the task's text)."""
+        return super()._encode_pair(self._input(context), continuation)
+
+    def tok_batch_encode(self, strings: list[str], *args, **kwargs):
+        """Generation prompts (`generate_until`), read as `Method.input_text` gives them."""
+        return super().tok_batch_encode([self._input(s) for s in strings], *args, **kwargs)
+
+    def _input(self, text: str) -> str:
+        return text if self.method is None else self.method.input_text(text)
+
     def _model_call(self, inps, *args, **kwargs):
         self.tokens_seen += inps.numel()
         if self.method is None or self._prompt_of is None:

@@ -3,6 +3,8 @@
 gives; with no anchor it is MHA; the model is unchanged after `applied`; the bytes the cache holds are the analytic
 count of kept tokens (every anchor and the open sentence)."""
 
+import copy
+
 import pytest
 import torch
 
@@ -125,9 +127,51 @@ def test_anchor_ids_come_from_the_tokenizer(tiny_llama):
 
 def test_bad_settings_fail_in_one_line():
     assert_one_line_error(lambda: Anchor(kind="xx"), "kind must be one of ep, ac")
-    assert_one_line_error(lambda: Anchor(kind="ac"), "needs the AnLLM-AC checkpoint")
+    assert_one_line_error(lambda: Anchor(kind="ac", ac_token="<A C>"), "ac_token must be a token's text")
     assert_one_line_error(lambda: Anchor(anchors=()), "anchors must be a non-empty list")
     assert_one_line_error(lambda: Anchor().prepare(None, RunContext()), "needs the model's tokenizer")
+
+
+def test_ac_puts_its_token_after_each_sentence_of_a_prompt():
+    """AnLLM-AC's input: the token after every sentence end that whitespace or the text's end follows (not inside
+    "3.5" or ".com"), once however often it is applied; EP reads the text as it is."""
+    ac = Anchor(kind="ac")
+    text = "It rains. Why? Stay in! Pi is 3.5 or see x.com now. Last one."
+    marked = "It rains.<AC> Why?<AC> Stay in!<AC> Pi is 3.5 or see x.com now.<AC> Last one.<AC>"
+    assert ac.input_text(text) == marked and ac.input_text(marked) == marked
+    assert Anchor().input_text(text) == text
+    assert Anchor(kind="ac", anchors=["?"], ac_token="<S>").input_text(text) == text.replace("Why?", "Why?<S>")
+
+
+def test_ac_anchors_are_the_added_token_only(tiny_llama):
+    """kind=ac marks the added token's id, and only it; a tokenizer without it fails in one line."""
+    _, tokenizer = tiny_llama
+    m = Anchor(kind="ac")
+    assert_one_line_error(lambda: m.prepare(None, RunContext(tokenizer=tokenizer)), "holds <AC> as one added token")
+    with_ac = copy.deepcopy(tokenizer)
+    with_ac.add_special_tokens({"additional_special_tokens": ["<AC>"]})
+    m.prepare(None, RunContext(tokenizer=with_ac, model_name="anllm_ac_7b"))
+    ids = with_ac(m.input_text("One. Two."), add_special_tokens=False)["input_ids"]
+    assert m._ids.tolist() == [with_ac.convert_tokens_to_ids("<AC>")] and ids.count(m._ids.item()) == 2
+    assert m.describe()["trained_anchors"] and m.display({"kind": "ac"}, m.describe())["label"] == "AnLLM anchors AC"
+
+
+def test_lm_eval_reads_a_prompt_as_the_method_gives_it(monkeypatch):
+    """The lm-eval wrapper hands contexts and generation prompts through `Method.input_text`; a scored
+    continuation stays the task's text."""
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.models.huggingface import HFLM
+
+    from chai.evaluate import CountingHFLM
+
+    monkeypatch.setattr(TemplateLM, "_encode_pair", lambda self, context, continuation: (context, continuation))
+    monkeypatch.setattr(HFLM, "tok_batch_encode", lambda self, strings, *a, **k: strings)
+    lm = CountingHFLM.__new__(CountingHFLM)  # no model: only the two encoders run
+    lm.method = Anchor(kind="ac")
+    assert lm._encode_pair("Q: It rains. Why?", " Stay in. Now.") == ("Q: It rains.<AC> Why?<AC>", " Stay in. Now.")
+    assert lm.tok_batch_encode(["A. B", "C"], padding_side="left") == ["A.<AC> B", "C"]
+    lm.method = None
+    assert lm._encode_pair("It rains. Why?", " x") == ("It rains. Why?", " x")
 
 
 def test_configs_build_and_show_their_settings():

@@ -11,8 +11,13 @@ Variants (`kind`)
 - ep (endpoint): existing tokens are anchors, those whose text is one of `anchors` (default sentence-ending
   punctuation). On a base model this is training-free, a lower bound: its period was never taught to summarise the
   sentence; conf/model/anllm_ep_7b.yaml is the authors' checkpoint trained with it.
-- ac: the authors append a new token `<AC>` after each sentence (conf/model/anllm_ac_7b.yaml has it). Inserting it
-  into lm-eval's requests is a data transformation this method does not do yet: `kind=ac` fails in one line.
+- ac: a token the authors added, `ac_token` (`<AC>`, id 32001 of conf/model/anllm_ac_7b.yaml's tokenizer), is the
+  only anchor, and the input carries one after each sentence (`input_text`, applied to lm-eval's contexts and
+  generation prompts; the scored continuations are the task's text). The authors split their training text with
+  NLTK's Punkt tokenizer and appended `<AC>` to each sentence (paper, appendix B.1); their released harness marks
+  id 32001 as the anchor. Here a sentence ends at one of `anchors` followed by whitespace or the end of the text
+  (Punkt's model is not offline: abbreviations such as "e.g." also end a sentence here). The tokenizer must hold
+  the token as one added token (the AC checkpoint's does); no other model has been trained with it.
 
 How it runs (as `sepcache`, chai/methods/sepcache.py)
 - Which ids are anchors: `prepare(model, context)` decodes the tokenizer's vocabulary (sepcache's `separator_ids`).
@@ -26,14 +31,17 @@ How it runs (as `sepcache`, chai/methods/sepcache.py)
   A left-padded batch (generation) works as each row alone: pads are empty slots, never anchors.
 
 Parameters
-- kind: the paper's variant, "ep" (implemented) or "ac" (refused, see above).
-- anchors: the anchor texts ("\\n" also matches tokens of only whitespace with a newline).
+- kind: the paper's variant, "ep" or "ac" (see above).
+- anchors: ep: the anchor texts ("\\n" also matches tokens of only whitespace with a newline); ac: the sentence ends
+  after which `ac_token` is inserted.
+- ac_token: ac's anchor token.
 
 K,V bytes: per request kept = anchors + tokens after the last anchor, stored padded to the longest request.
 `kv_bytes` counts them from the ids of the last sequence the method saw when it has the batch and at least the
 tokens asked for (exact: its first tokens), else as if no token were an anchor (every token kept: an upper bound).
 """
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +52,16 @@ from chai.methods._token_cache import TokenMethod
 from chai.methods.sepcache import separator_ids
 
 KINDS = ("ep", "ac")  # endpoint: existing tokens are anchors; ac: an added <AC> token
+
+
+def ac_id(tokenizer, token: str) -> torch.Tensor:
+    """[1] the id of AnLLM-AC's added anchor token, which the tokenizer must read as one token wherever it stands."""
+    ids = tokenizer(f"a{token}b", add_special_tokens=False)["input_ids"]
+    found = tokenizer.convert_tokens_to_ids(token)
+    require(isinstance(found, int) and found in ids and found != tokenizer.unk_token_id,
+            f"anchor: kind=ac needs a tokenizer that holds {token} as one added token, as AnLLM-AC's does "
+            f"(model=anllm_ac_7b with model.path=...); this one does not. Use kind=ep.")
+    return torch.tensor([found], dtype=torch.long)
 
 
 def sentences(marked: torch.Tensor) -> torch.Tensor:
@@ -80,14 +98,18 @@ class Anchor(TokenMethod):
 
     kind: str = "ep"  # the paper's variant ("variant" is the display hook of every method)
     anchors: tuple = (".", "?", "!")
+    ac_token: str = "<AC>"
 
     def __post_init__(self):
         require(self.kind in KINDS, f"anchor: kind must be one of {', '.join(KINDS)}, got {self.kind!r}.")
-        require(self.kind != "ac", "anchor: kind=ac needs the AnLLM-AC checkpoint and <AC> inserted after each "
-                                   "sentence of the input, which is not implemented yet; use kind=ep.")
         require(len(self.anchors) > 0 and all(isinstance(a, str) and a for a in self.anchors),
                 f"anchor: anchors must be a non-empty list of non-empty strings, got {list(self.anchors)!r}.")
+        require(isinstance(self.ac_token, str) and self.ac_token != "" and not any(c.isspace() for c in self.ac_token),
+                f"anchor: ac_token must be a token's text without spaces, got {self.ac_token!r}.")
         self.anchors = tuple(self.anchors)  # Hydra gives a ListConfig
+        # ac: a sentence end followed by whitespace or the text's end (not by the token already: idempotent)
+        ends = "|".join(re.escape(a) for a in sorted(self.anchors, key=len, reverse=True))
+        self._sentence_end = re.compile(f"({ends})(?=\\s|$)")
         self._start()
         self._trained = False  # the model was trained with these anchors (AnLLM's checkpoints)
 
@@ -95,8 +117,12 @@ class Anchor(TokenMethod):
         tokenizer = getattr(context, "tokenizer", None)
         require(tokenizer is not None, "anchor: finding the anchor tokens needs the model's tokenizer (none "
                                        "offline): set model.path, or ++model.tokenizer=smollm2 for random weights.")
-        self._ids = separator_ids(tokenizer, self.anchors)
+        self._ids = separator_ids(tokenizer, self.anchors) if self.kind == "ep" else ac_id(tokenizer, self.ac_token)
         self._trained = str(getattr(context, "model_name", "")).startswith(f"anllm_{self.kind}")  # conf/model/
+
+    def input_text(self, text: str) -> str:
+        """ac: `ac_token` after each sentence (see the module docstring); ep: the text as it is."""
+        return text if self.kind == "ep" else self._sentence_end.sub(lambda m: m.group(1) + self.ac_token, text)
 
     # -- the rule (TokenMethod's hooks) ------------------------------------------------------------------------
 

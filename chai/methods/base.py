@@ -13,6 +13,7 @@ fail before any model loads). Every hook has a default, so a method overrides on
 | `static_cache(model, batch, max_len)` | None (no static path) | bench `method_static`: preallocated, capturable decode step |
 | `kv_bytes(config, batch, tokens, dtype_bytes)` | every K and V head | K,V bytes held for `batch` requests of `tokens` tokens (analytic) |
 | `kv_bytes_read(config, batch, context, dtype_bytes)` | = `kv_bytes` | bytes one decode step reads (the roofline) |
+| `input_text(text)` | unchanged | lm-eval: the text a prompt is read as (AnLLM-AC marks its sentences) |
 | `set_prompt_lengths(lengths)` | stored | lm-eval scoring: per row, how many leading tokens are prompt (None: unknown) |
 | `prompt_facts(ids)` | {} | bench: what the method makes of a cell's prompt (a token method: the share it marks) |
 | `run_stats()` | `RunStats()` | counters for the record: clustering time, decode kernel settings, K,V read fraction |
@@ -133,6 +134,12 @@ class Method:
         linearly; an average for one that evicts)."""
         held = self.kv_bytes(config, 1, tokens, dtype_bytes)
         return {name: value / tokens for name, value in held.items()}
+
+    def input_text(self, text: str) -> str:
+        """The text a request's prompt is read as (lm-eval's contexts, before tokenizing; continuations and
+        perplexity text are left as they are). Default: unchanged. A method whose model was trained on marked input
+        adds the marks here (AnLLM-AC's anchor token after each sentence)."""
+        return text
 
     def set_prompt_lengths(self, lengths) -> None:
         """`lengths`: [batch] long tensor, per row the number of leading tokens of the next forward(s) that are prompt
