@@ -156,6 +156,18 @@ def test_ac_anchors_are_the_added_token_only(tiny_llama):
     assert m.describe()["trained_anchors"] and m.display({"kind": "ac"}, m.describe())["label"] == "AnLLM anchors AC"
 
 
+def test_ac_without_its_token_fails_before_the_model_loads(monkeypatch):
+    """A run with kind=ac on a model whose tokenizer lacks <AC> stops at the tokenizer, never loading weights."""
+    from chai.runners import setup as runner_setup
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the model was loaded before the tokenizer was checked")
+
+    monkeypatch.setattr(runner_setup, "load_model", no_weights)
+    cfg = compose_cfg(["method=anchor", "method.kind=ac", "model=tiny_llama", "device=cpu"])
+    assert_one_line_error(lambda: runner_setup.setup(cfg), "holds <AC> as one added token")
+
+
 def test_lm_eval_reads_a_prompt_as_the_method_gives_it(monkeypatch):
     """The lm-eval wrapper hands contexts and generation prompts through `Method.input_text`; a scored
     continuation stays the task's text."""

@@ -120,6 +120,10 @@ class Anchor(TokenMethod):
         self._ids = separator_ids(tokenizer, self.anchors) if self.kind == "ep" else ac_id(tokenizer, self.ac_token)
         self._trained = str(getattr(context, "model_name", "")).startswith(f"anllm_{self.kind}")  # conf/model/
 
+    def check_tokenizer(self, tokenizer) -> None:
+        if self.kind == "ac":
+            ac_id(tokenizer, self.ac_token)
+
     def input_text(self, text: str) -> str:
         """ac: `ac_token` after each sentence (see the module docstring); ep: the text as it is."""
         return text if self.kind == "ep" else self._sentence_end.sub(lambda m: m.group(1) + self.ac_token, text)

@@ -6,6 +6,7 @@ fail before any model loads). Every hook has a default, so a method overrides on
 | hook | default | used by |
 |---|---|---|
 | `check_shape(config)` | no constraint | preflight: settings against the model's config, no weights |
+| `check_tokenizer(tokenizer)` | nothing | every runner, before the model loads: what the method needs of it |
 | `prepare(model, context)` | nothing | every runner, once the model is loaded (offline artifacts) |
 | `attention(module, q, k, v, mask, scaling, ...)` | required when `custom_attention` | transformers' `AttentionInterface` |
 | `mask_function()` | boolean causal mask | transformers' `AttentionMaskInterface` (a method may hide evicted tokens) |
@@ -134,6 +135,10 @@ class Method:
         linearly; an average for one that evicts)."""
         held = self.kv_bytes(config, 1, tokens, dtype_bytes)
         return {name: value / tokens for name, value in held.items()}
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """Fail in one line, before the weights load, when the tokenizer lacks what the method needs (AnLLM-AC:
+        its added anchor token). Default: nothing."""
 
     def input_text(self, text: str) -> str:
         """The text a request's prompt is read as (lm-eval's contexts, before tokenizing; continuations and

@@ -29,10 +29,12 @@ def setup(cfg, need_tokenizer: bool = True, with_method: bool = True, keep_model
     """The model of `cfg.model` (kept across multirun jobs with `keep_model`), its tokenizer (a one-line error when
     `need_tokenizer` and it has none offline), and `cfg.method` built and prepared (`with_method`)."""
     method = build_method(cfg.method) if with_method else None
-    model = kept_model(cfg) if keep_model else load_model(model_only(cfg.model), cfg.device, cfg.seed)[0]
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model)  # before the weights: what it lacks fails in one line, and fast
     if need_tokenizer and tokenizer is None:
         raise ChaiError(f"model '{cfg.model.name}' has no tokenizer offline: set model.tokenizer=smollm2 or a path.")
+    if method is not None and tokenizer is not None:
+        method.check_tokenizer(tokenizer)
+    model = kept_model(cfg) if keep_model else load_model(model_only(cfg.model), cfg.device, cfg.seed)[0]
     # The tokenizer also lets a method make a missing offline artifact (CHAI's calibration) in any mode.
     context = RunContext(cfg, tokenizer, cfg.model.name, cfg.data_dir, cfg.results_dir)
     if method is not None:
