@@ -11,7 +11,9 @@
 # file at 8k and n=64 on the H200 host), so no GPU stage waits on tokenization; the SmolLM2 snapshot is made there too,
 # once. Then one stage per (grid, method, task, batch size) over the lengths not recorded yet (a cell's run key, as
 # run.py computes it, against the records: a stage of recorded cells is never started, and no task file is made that
-# only recorded cells read), JOBS side by side (default 4; each a Hydra multirun over its lengths). A length's batch
+# only recorded cells read), JOBS side by side (default 4; each a Hydra multirun over its lengths), the longest first
+# by an estimate of its time (`seconds` below), and none started that the estimate says cannot end before the
+# deadline (a stage cut short loses its cell: a shorter one after it may still fit). A length's batch
 # holds at most BATCH_TOKENS tokens (default 65536: 16 up to 4096, 8 at 8192), capped by the experiment's
 # eval.batch_size: the eager attention's fp32 scores at 8k x 16 alone were 36 GiB.
 # WikiText needs wikitext2/wiki.test.raw in $CHAI_DATA_DIR: gpu_carry.sh's data.tgz holds it (built before
@@ -89,6 +91,15 @@ def batches(lengths, cfg) -> list[tuple[int, list]]:
     return [(b, [x for x in group if x]) for b, group in by_batch.items()]
 
 
+def seconds(lengths: list, method: str, task_cfg, window: int) -> int:
+    """A stage's expected wall time beside JOBS - 1 others on one H200 (2026-12-02, 8 jobs): a generation cell
+    ~150 s at 8192 tokens, about in proportion below; SparQ's decode steps ~2.3x that; a perplexity cell (no
+    generation) about half. Only to order the stages and to start none that cannot end before the deadline."""
+    generates = task_cfg.get("kind") == "long_context"  # the RULER-style tasks; C4 and WikiText score text
+    per_cell = 150 * (2.3 if method.startswith("sparq") else 1.0) * (1.0 if generates else 0.5)
+    return int(sum(per_cell * (int(x) if x else window) / 8192 for x in lengths or [None])) + 20
+
+
 def recorded_already(base: list[str], method: str, task: str, length, batch: int) -> bool:
     """Whether the cell a stage would run is recorded (the key run.py checks before running it): a stage of
     recorded cells only would start Python, compose and skip, ~15 s of a job slot each."""
@@ -128,12 +139,14 @@ with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
                 continue
         for batch, group in batches(lengths, cfg):
             for t in tasks:
+                task_cfg = compose(config_name="config", overrides=[*base, f"task={t}"]).task
                 for m in methods:
                     todo = [x for x in group or [None] if not recorded_already(base, m, t, x, batch)]
                     done += len(group or [None]) - len(todo)
                     needed.update((t, x) for x in todo)
                     shown = (f" task.length={','.join(todo)}" if group else "") + f" eval.batch_size={batch}"
-                    stages += [" ".join([f"long_context={grid} method={m} task={t}{shown}", *mine])] if todo else []
+                    line = " ".join([f"long_context={grid} method={m} task={t}{shown}", *mine])
+                    stages += [(seconds(todo, m, task_cfg, int(cfg.eval.max_length)), line)] if todo else []
         for task in tasks:
             for length in lengths or [None]:
                 if (task, length) not in needed:  # every method's cell recorded: no file to make
@@ -142,8 +155,9 @@ with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
                                + ([f"task.length={length}"] if length else []))
                 if kind_of(cell.task) != "builtin":
                     cells.append(cell)
+stages.sort(key=lambda stage: -stage[0])  # the longest first: the last ones to start are the short ones
 with open(stages_file, "w") as f:
-    f.write("".join(stage + "\n" for stage in stages))
+    f.write("".join(f"{cost} {line}\n" for cost, line in stages))
 if cells:
     tokenizer = load_tokenizer(model_cfg)  # makes the model snapshot once, before the stages load it side by side
 cells.sort(key=lambda c: -c.task.length)  # the longest first: the pool ends evenly
@@ -154,20 +168,21 @@ with get_context("fork").Pool(jobs) as pool:
 EOF
 [ -s "$stages_file" ] || { echo "no stages (see $logs/build.log)"; tail -5 "$logs/build.log"; exit 1; }
 
-run_stage() {  # $1: stage number, $2: its overrides
-  local words log="$logs/stage$1.log"
+run_stage() {  # $1: stage number, $2: its overrides, $3: its expected seconds
+  local words log="$logs/stage$1.log" left=$((deadline - SECONDS))
   read -ra words <<< "$2"
-  (( deadline - SECONDS > 30 )) || { echo "== stage $1: $2 (no time left this call: resumes next call)"; return; }
+  # A stage that cannot end in time would be killed with its cell half done: leave it whole to the next call.
+  (( left > $3 )) || { echo "== stage $1: $2 (needs ~$3 s, $left s left: resumes next call)"; return; }
   echo "== stage $1: $2"
   timeout --signal=INT "$((deadline - SECONDS))" python3 run.py experiment=long_context "${words[@]}" "${common[@]}" \
     "hydra.sweep.dir=/tmp/hydra/lc$1" "hydra.run.dir=/tmp/hydra/lc$1" > "$log" 2>&1
   echo "   stage $1 exit $? ($(grep -c '"run_id"' "$res/long_context/runs.jsonl" 2>/dev/null || echo 0) records so far)"
 }
 n=0
-while read -r stage; do
+while read -r cost stage; do  # the longest first (stages.txt is sorted so); a later, shorter one may still fit
   n=$((n + 1))
   while (( $(jobs -rp | wc -l) >= ${JOBS:-4} )); do wait -n; done  # at most JOBS stages share the GPU
-  run_stage "$n" "$stage" &
+  run_stage "$n" "$stage" "$cost" &
 done < "$stages_file"
 wait
 f=$res/long_context/runs.jsonl
