@@ -51,8 +51,9 @@ class StaticTokenLayer(TokenLayer, StaticLayer):
         marks = self.new_marks(batch, tokens, device)
         keep, counts, most = shared_plan(self.shared, self.first, (batch, tokens),
                                          lambda: self._plan(positions, marks, tokens))
-        self._allocate(key_states, value_states, most + self.max_cache_len - tokens)
-        if most + self.max_cache_len - tokens > self.capacity:
+        needed = most + self.max_cache_len - tokens  # what it keeps, then one slot a decode step
+        self._allocate(key_states, value_states, needed)
+        if needed > self.capacity:
             raise ChaiError(f"this static token cache holds {self.capacity} tokens a request (set by its first "
                             f"prompt); this prompt keeps {most} and leaves room for {self.max_cache_len - tokens} "
                             f"steps: make a new cache for it.")

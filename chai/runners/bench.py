@@ -80,6 +80,15 @@ def plan(cfg, method, baseline, default_attn: str) -> tuple[list[BenchPath], lis
     return paths, skipped
 
 
+def recorded_baselines(cfg, method, baseline, default_attn: str, paths: list[BenchPath]) -> list[BenchPath]:
+    """The baseline paths this run leaves out: their cells, when recorded earlier (same settings, same GPU), join
+    the comparison as if they had been asked for and reused, so a run of a method's paths alone is still compared."""
+    asked = {path.name for path in paths}
+    every, _ = plan(OmegaConf.merge(cfg, {"bench": {"paths": [*BASELINE_PATHS, RECOMPUTE]}}), method, baseline,
+                    default_attn)
+    return [path for path in every if path.name not in asked]
+
+
 def tokenizer_name(model_cfg) -> str:
     """The model whose tokenizer the run uses: its own, or the one it borrows (`model.tokenizer`)."""
     name = model_cfg.get("tokenizer", "self")
@@ -108,18 +117,17 @@ def run(cfg, record: dict) -> dict:
             weights[path.name], params[path.name] = weight_bytes_per_step(model), matrix_params(model)
     config, out_path = OmegaConf.to_container(cfg, resolve=True), Path(record["results_path"])
     done = finished_cells(out_path) if cfg.resume else {}
-    # Baseline cells recorded earlier (same settings, same GPU) that this run's paths leave out: a run of the method's
-    # paths alone is still compared with them, as if they had been asked for and reused.
-    recorded = [p for p in plan(OmegaConf.merge(cfg, {"bench": {"paths": [*BASELINE_PATHS, RECOMPUTE]}}), method,
-                                baseline, default_attn)[0] if p.name not in {q.name for q in paths}] if done else []
+    recorded = recorded_baselines(cfg, method, baseline, default_attn, paths) if done else []
+    step_kind = bench.static_step_kind(bcfg, device)
     counts, shown = {"measured": 0, "reused": 0, "errors": 0, "oom": 0}, []
     for batch in bcfg.batch_sizes:
         for seq_len in bcfg.seq_lens:
             ids, prompt = prompts.batch(batch, seq_len)
             group, fresh = {}, []
+            cell_of = lambda path: cell_config(config, path, batch, seq_len, record["device"]["name"],  # noqa: E731
+                                               step_kind)
             for path in paths:
-                cell = cell_config(config, path, batch, seq_len, record["device"]["name"],
-                                   bench.static_step_kind(bcfg, device))
+                cell = cell_of(path)
                 if run_key(cell) in done:
                     group[path.name] = done[run_key(cell)]
                     counts["reused"] += 1
@@ -132,12 +140,8 @@ def run(cfg, record: dict) -> dict:
                 fresh.append(rec)
                 counts.update(measured=counts["measured"] + 1, errors=counts["errors"] + bool(rec["error"]),
                               oom=counts["oom"] + bool(rec["oom"]))
-            compared = dict(group)
-            for path in recorded:
-                cell = cell_config(config, path, batch, seq_len, record["device"]["name"],
-                                   bench.static_step_kind(bcfg, device))
-                if run_key(cell) in done:
-                    compared[path.name] = done[run_key(cell)]
+            keys = {path.name: run_key(cell_of(path)) for path in recorded}
+            compared = {**{name: done[key] for name, key in keys.items() if key in done}, **group}
             annotate(compared)  # against the baselines of this (batch, seq_len), reused and recorded ones included
             shown += [cell_summary(rec) for rec in group.values()]
             for rec in fresh:
