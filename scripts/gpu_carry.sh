@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds .carry/ (git-ignored) for the offline GPU machine, within 64 MiB per call, working tree included:
-#   .carry/whl            wheels the machine lacks (../shared/tools/gpu-wheels.sh), 14.3 MB
+#   .carry/whl            wheels the machine lacks (../shared/tools/gpu-wheels.sh), 14.3 MB, and pytest at the
+#                         lock's versions (1.8 MB), so the tests that need CUDA run there: `python3 -m pytest ...`
 #   .carry/data/data.tgz  the five tasks', C4's and WikiText-2's files of ../shared/data (xz), 5.3 MB
 #   .carry/gguf_xz_a, _b, (_c)  the SmolLM2 GGUF (98.4 MB) as one xz stream (90.4 MB) in parts, SHA256 of the GGUF
 #                         beside the last. The first part fills call 1 beside whl and data, each later one a call
@@ -14,6 +15,8 @@ cd "$(dirname "$0")/.."
 limit=67108864 slack=400000
 mkdir -p .carry/data
 [ -d .carry/whl ] || bash ../shared/tools/gpu-wheels.sh .carry/whl
+testing=$(grep -E '^(pytest|pluggy|iniconfig|pygments)==' requirements.lock)
+ls .carry/whl/pytest-*.whl > /dev/null 2>&1 || .venv/bin/python -m pip download -q --no-deps -d .carry/whl $testing
 data=(arc_challenge/ARC-Challenge-Test.jsonl arc_easy/ARC-Easy-Test.jsonl boolq/val.jsonl piqa/piqa_validation.jsonl
       hellaswag/hellaswag_validation.jsonl c4/c4_validation_2k.jsonl c4/c4_train00000_head1000.jsonl
       wikitext2/wiki.test.raw)

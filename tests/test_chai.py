@@ -315,6 +315,8 @@ def test_pick_copies_each_requests_heads_in_every_layout(dtype, layout):
          "odd_width": base[..., :width].transpose(1, 2)}[layout]  # [B, H, T, D]
     index = torch.tensor([[5, 0, 0, 2], [1, 1, 3, 4], [2, 5, 0, 1]])
     expected = torch.stack([x[b][index[b]] for b in range(3)])
-    assert torch.equal(pick(x, index).view(torch.uint8), expected.contiguous().view(torch.uint8))
+    picked = pick(x, index)
+    assert torch.equal(picked.view(torch.uint8), expected.contiguous().view(torch.uint8))
+    assert picked.transpose(1, 2).is_contiguous() == (layout != "contiguous")  # tokens-major stays tokens-major
     words = layout in ("contiguous", "transposed", "offset") and dtype != torch.float64
     assert (as_words(x).dtype == torch.int64) == words

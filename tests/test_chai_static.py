@@ -133,13 +133,20 @@ def test_static_cache_refuses_what_its_step_cannot_model(tiny_llama):
 
 @pytest.mark.parametrize("kv_heads,share", [(8, False), (2, False), (8, True)])
 @pytest.mark.parametrize("tq,mask_kind", [(10, "none"), (10, "built"), (7, "causal"), (10, "padded")])
-def test_clustered_prefill_equals_the_formula(kv_heads, share, tq, mask_kind):
+@pytest.mark.parametrize("tokens_major", [False, True])
+def test_clustered_prefill_equals_the_formula(kv_heads, share, tq, mask_kind, tokens_major):
     """One SDPA call (is_causal when the mask is plain causal, the mask otherwise) equals softmax(q_rep k_rep^T) of
-    each head's representative times the head's own V, written out here with every [B, H, Tq, Tk] score."""
+    each head's representative times the head's own V, written out here with every [B, H, Tq, Tk] score; q, k, v
+    heads-major or stored [B, T, H, D] as projections give them (then the output is too)."""
     g = torch.Generator().manual_seed(0)
     batch, heads, tk, dim = 2, 8, 10, 4
-    q = torch.randn(batch, heads, tq, dim, generator=g)
-    k, v = torch.randn(batch, kv_heads, tk, dim, generator=g), torch.randn(batch, kv_heads, tk, dim, generator=g)
+
+    def states(n: int, t: int) -> torch.Tensor:
+        if tokens_major:
+            return torch.randn(batch, t, n, dim, generator=g).transpose(1, 2)
+        return torch.randn(batch, n, t, dim, generator=g)
+
+    q, k, v = states(heads, tq), states(kv_heads, tk), states(kv_heads, tk)
     labels = torch.tensor([[0, 0, 1, 1, 2, 2, 2, 0], [1, 0, 1, 0, 0, 2, 2, 2]])
     reps = torch.tensor([[0, 2, 4], [1, 0, 5]])
     key_slot = reps // (heads // kv_heads)
@@ -157,8 +164,10 @@ def test_clustered_prefill_equals_the_formula(kv_heads, share, tq, mask_kind):
     value_of_head = key_slot.gather(1, labels) if share else (torch.arange(heads) // (heads // kv_heads)).expand(2, -1)
     rows = torch.arange(batch)[:, None]
     expected = probs[rows, reps[rows, labels]] @ v[rows, value_of_head]
-    out = clustered_prefill(q, k, v, passed, 0.5, labels, reps, key_slot, key_slot if share else None)
+    k_index = key_slot.gather(1, labels)
+    out = clustered_prefill(q, k, v, passed, 0.5, reps.gather(1, labels), k_index, k_index if share else None)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert out.transpose(1, 2).is_contiguous() == tokens_major  # no copy left for the [B, T, H, D] return
 
 
 def test_bench_times_the_static_path_of_chai(tmp_path):

@@ -33,11 +33,37 @@ def pick(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     indexing copies whole [T, D] head slices; `gather` with an index expanded to x's shape did the index arithmetic
     per element (twice as slow on a CPU for [2, 32, 2048, 128] fp16 queries). The copy moves 8-byte words where the
     layout allows: CUDA's index kernel handles one element per step, and with fp16 elements it ran at 0.74 TB/s on
-    an H200 (69.7 of CHAI's 1083 ms prefill at 8 x 4096, against MHA's 1029 ms), 4x the elements it needs."""
-    rows = torch.arange(x.shape[0], device=x.device)[:, None]
+    an H200 (69.7 of CHAI's 1083 ms prefill at 8 x 4096, against MHA's 1029 ms), 4x the elements it needs.
+    x stored tokens-major ([B, T, N, D] memory, as projections give queries, keys and values) comes back
+    tokens-major: SDPA's output follows the query's layout, and a heads-major output cost the attention function's
+    [B, T, H, D] return one more copy of it per layer."""
+    index = index.to(x.device)
+    rows = arange(x.shape[0], x.device)[:, None]
+    if x.dim() == 4 and x.shape[2] > 1 and x.stride(2) > x.stride(1):  # tokens-major
+        words = as_words(x.transpose(1, 2))  # [B, T, N, W]
+        tokens = arange(x.shape[2], x.device)[:, None]
+        out = words[rows[:, :, None], tokens, index[:, None, :]]  # [B, T, M, W]
+        return (out.view(x.dtype) if words.dtype != x.dtype else out).transpose(1, 2)
     words = as_words(x)
-    out = words[rows, index.to(x.device)]
+    out = words[rows, index]
     return out.view(x.dtype) if words is not x else out
+
+
+_ARANGES: dict[torch.device, torch.Tensor] = {}
+
+
+def arange(n: int, device) -> torch.Tensor:
+    """torch.arange(n, device=device) as a view of one kept range per device: each pick needed two fresh ones, two
+    of the ~17 launches a layer that CHAI's eager prefill added to MHA's. Made fresh under capture or tracing,
+    where a kept tensor would hold values a graph has not computed yet."""
+    device = torch.device(device)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if torch.compiler.is_compiling() or capturing:
+        return torch.arange(n, device=device)
+    kept = _ARANGES.get(device)
+    if kept is None or kept.numel() < n:
+        kept = _ARANGES[device] = torch.arange(max(n, 4096), device=device)
+    return kept[:n]
 
 
 def as_words(x: torch.Tensor) -> torch.Tensor:
@@ -79,22 +105,19 @@ def take_rows(x: torch.Tensor, starts: torch.Tensor | None, m: int) -> torch.Ten
     return x.gather(2, columns[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
 
 
-def clustered_prefill(query, key, value, mask, scaling, labels, reps, key_slot, value_slot=None) -> torch.Tensor:
-    """query [B, H, Tq, D] at positions Tk-Tq..Tk-1; key [B, Sk, Tk, D], cluster c scores with K entry key_slot
-    [B, C]; value [B, Hv, Tk, D]: head h reads V head h // (H / Hv), or with `value_slot` [B, C] (share_values) its
-    cluster's V entry; labels [B, H], reps [B, C]; mask [B or 1, 1, Tq, Tk] bool, or None when Tq == Tk (causal).
+def clustered_prefill(query, key, value, mask, scaling, q_index, k_index, v_index=None) -> torch.Tensor:
+    """query [B, H, Tq, D] at positions Tk-Tq..Tk-1; key [B, Sk, Tk, D]; value [B, Hv, Tk, D]; per head [B, H]: the
+    query head whose scores it shares (its representative, q_index), the K entry they use (k_index), and the V
+    entry it reads (v_index; None: its own, head h // (H / Hv)); mask [B or 1, 1, Tq, Tk] bool, or None when
+    Tq == Tk (causal).
 
-    One SDPA call: head h attends with its representative's query reps[labels[h]] and its cluster's K entry, and
-    reads its own V. Gathers are per request (no host sync); `is_causal` when the mask is plain causal, so CUDA runs
-    flash attention. The gathered q and k cost two [B, H, T, D] copies, small beside the layer's projections.
-    Returns [B, H, Tq, D]."""
+    One SDPA call: head h attends with its representative's query and its cluster's K entry, and reads its own V.
+    Gathers are per request (no host sync); `is_causal` when the mask is plain causal, so CUDA runs flash attention.
+    The gathered q and k cost two [B, H, T, D] copies, small beside the layer's projections. Returns [B, H, Tq, D]."""
     heads, tq, tk = query.shape[1], query.shape[2], key.shape[2]
-    q = pick(query, reps.gather(1, labels))  # [B, H, Tq, D]
-    k = pick(key, key_slot.gather(1, labels))  # [B, H, Tk, D]
-    if value_slot is None:
-        v = repeat_heads(value, heads // value.shape[1])  # GQA: SDPA wants K and V with the same heads
-    else:
-        v = pick(value, value_slot.gather(1, labels))
+    q = pick(query, q_index)
+    k = pick(key, k_index)
+    v = repeat_heads(value, heads // value.shape[1]) if v_index is None else pick(value, v_index)
     if tq == tk and plain_causal(mask):  # SDPA's is_causal aligns rows and keys at 0: right only when Tq == Tk
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
@@ -105,14 +128,18 @@ def clustered(session: ChaiSession, query, key, value, mask, scaling, m: Members
     representative's V with share_values). keys are compact ([B, S, T, D], read through rep_slot) or full
     ([B, Hkv, T, D], read through rep // groups). One unpadded decode token on CUDA: the Triton kernel; else
     `clustered_prefill`. query [B, H, Tq, D] -> [B, H, Tq, D]."""
-    share_values = session.plan.share_values
-    key_slot = m.rep_slot if compact else m.reps // session.plan.shape.groups  # [B, C]
-    value_slot = key_slot if share_values else None
+    share_values, groups = session.plan.share_values, session.plan.shape.groups
     if query.shape[2] == 1 and kd._use_triton(query) and (plain_causal(mask) or session.mask_is_full(mask)):
+        key_slot = m.rep_slot if compact else m.reps // groups  # [B, C]
         v_index = key_slot.gather(1, m.labels) if share_values else None
         return kd.clustered_decode_attention(query, key, value, m.labels, m.reps, scaling, k_index=key_slot,
                                              v_index=v_index)
-    return clustered_prefill(query, key, value, mask, scaling, m.labels, m.reps, key_slot, value_slot)
+    head_rep = m.reps.gather(1, m.labels)  # [B, H]: each head's representative
+    if compact:
+        k_index = m.rep_slot.gather(1, m.labels)
+    else:  # every K head there: the representative's own (its group's), the same index under MHA's layout
+        k_index = head_rep if groups == 1 else head_rep // groups
+    return clustered_prefill(query, key, value, mask, scaling, head_rep, k_index, k_index if share_values else None)
 
 
 def first_clustered(session: ChaiSession, query, key, value, mask, scaling, m: Membership, past: int,
