@@ -118,7 +118,7 @@ def test_attention_like_queries(heads, groups, tokens, prototypes, noise, counts
     for count in counts:
         got = assert_same_membership(q, k, tokens, count, scaling=0.5)
         if count == prototypes and noise <= 0.1:  # the copies of a prototype found as one cluster
-            assert (got["labels"] == (torch.arange(heads) % prototypes)).all()
+            assert (got["labels"].cpu() == (torch.arange(heads) % prototypes)).all()
 
 
 def exact_copies(batch, heads, groups, distinct, seed):

@@ -56,9 +56,10 @@ def arange(n: int, device) -> torch.Tensor:
     """torch.arange(n, device=device) as a view of one kept range per device: each pick needed two fresh ones, two
     of the ~17 launches a layer that CHAI's eager prefill added to MHA's. Made fresh under capture or tracing,
     where a kept tensor would hold values a graph has not computed yet."""
+    if torch.compiler.is_compiling():  # first: dynamo cannot trace is_current_stream_capturing (returns a bool)
+        return torch.arange(n, device=device)
     device = torch.device(device)
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if torch.compiler.is_compiling() or capturing:
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return torch.arange(n, device=device)
     kept = _ARANGES.get(device)
     if kept is None or kept.numel() < n:
