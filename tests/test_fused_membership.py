@@ -156,19 +156,25 @@ def refused(*args, **kwargs):
 
 
 def static_run(model, settings, ids, steps):
-    """Prefill logits [B, T, V], greedy tokens [B, 1 + steps] and each clustered layer's buffers after the prefill."""
+    """Prefill logits [B, T, V], greedy tokens [B, 1 + steps] and each clustered layer's buffers after the prefill,
+    on the CPU, computed on DEVICE (the GPU when there is one: the kernel runs only where the tensors are)."""
     method = build_method({"layer_clusters": None, **settings})
-    method.prepare(model)
-    with torch.no_grad(), method.applied(model):
-        cache = method.static_cache(model, ids.shape[0], ids.shape[1] + steps)
-        logits = model(input_ids=ids, **{bench.CACHE_ARG: cache}, use_cache=True).logits
-        buffers = [{name: getattr(layer, name).clone() for name in BUFFERS}
-                   for layer in cache.layers if isinstance(layer, ChaiStaticLayer)]
-        tokens = [bench.greedy(logits)]
-        for step in range(steps):
-            position = torch.full_like(tokens[-1], ids.shape[1] + step)
-            tokens.append(bench.decode_one_token(model, tokens[-1], position, cache))
-    return logits, torch.cat(tokens, 1), buffers
+    model.to(DEVICE)
+    try:
+        method.prepare(model)
+        with torch.no_grad(), method.applied(model):
+            ids = ids.to(DEVICE)
+            cache = method.static_cache(model, ids.shape[0], ids.shape[1] + steps)
+            logits = model(input_ids=ids, **{bench.CACHE_ARG: cache}, use_cache=True).logits
+            buffers = [{name: getattr(layer, name).cpu() for name in BUFFERS}
+                       for layer in cache.layers if isinstance(layer, ChaiStaticLayer)]
+            tokens = [bench.greedy(logits)]
+            for step in range(steps):
+                position = torch.full_like(tokens[-1], ids.shape[1] + step)
+                tokens.append(bench.decode_one_token(model, tokens[-1], position, cache))
+        return logits.cpu(), torch.cat(tokens, 1).cpu(), buffers
+    finally:
+        model.to("cpu")  # the fixture is shared by the session
 
 
 @needs_kernel
