@@ -45,9 +45,10 @@ def _bars(ax, rows: pd.DataFrame, styles: dict, value: str, marks: tuple[str, ..
             for column in marks:
                 ax.plot(x, _number(row[column]), linestyle="none", **MARKS[column][0])
             if ratios and row["path"] != BASELINE_PATH and not math.isnan(_number(row["speedup"])):
+                heights = [_number(row[c]) for c in (value, *marks)]
+                top = max(h for h in heights if not math.isnan(h))  # above the roofline mark, not through it
                 ax.annotate(f"x{row['speedup']:.2f}\n(roof x{_number(row['roofline_speedup']):.2f})",
-                            (x, _number(row[value])), textcoords="offset points", xytext=(0, 3), ha="center",
-                            fontsize=6)
+                            (x, top), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=6)
     ax.set_xticks(range(len(seqs)), [str(s) for s in seqs])
     ax.set_xlabel("prompt tokens")
     ax.grid(alpha=0.3, axis="y")
