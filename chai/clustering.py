@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from chai.errors import ChaiError
+from chai.errors import ChaiError, check_cluster_count
 from chai.kernels.fused_kmeans import fused_kmeans, use_fused
 
 ALGOS = ("kmeans", "agglomerative")
@@ -175,8 +175,7 @@ def cluster_heads(features: torch.Tensor, n_clusters: int, algo: str = "kmeans")
     ties (see `chai.kernels.fused_kmeans`).
     """
     heads = features.shape[1]
-    if not 1 <= n_clusters <= heads:
-        raise ChaiError(f"cannot cluster {heads} heads into {n_clusters} clusters: use 1..{heads}.")
+    check_cluster_count(heads, n_clusters)
     if algo == "kmeans":
         return fused_kmeans(features, n_clusters) if use_fused(features) else kmeans(features, n_clusters)[0]
     if algo == "agglomerative":

@@ -19,6 +19,11 @@ def require(condition: bool, message: str) -> None:
         raise ChaiError(message)
 
 
+def check_cluster_count(heads: int, count: int) -> None:
+    """A cluster count must be in 1..heads (the torch chain, the fused K-Means and the fused membership ask alike)."""
+    require(1 <= count <= heads, f"cannot cluster {heads} heads into {count} clusters: use 1..{heads}.")
+
+
 def missing_model(hf_id: str, reason: str) -> ChaiError:
     """A hub model that cannot load offline: what to download and where to point `model.path`."""
     return ChaiError(

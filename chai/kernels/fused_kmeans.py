@@ -32,7 +32,7 @@ import os
 
 import torch
 
-from chai.errors import ChaiError
+from chai.errors import check_cluster_count
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 MAX_SIZE = 128  # heads, features or clusters: beyond it most of a program's tiles would spill out of registers
@@ -71,8 +71,7 @@ def fused_kmeans(features: torch.Tensor, k: int, iters: int = 100, return_inerti
     `chai.clustering.kmeans(features, k, iters)` (see the module docstring for where equality could break).
     `num_warps`: per program (one problem), None for `_warps`' choice."""
     batch, heads, width = features.shape
-    if not 1 <= k <= heads:
-        raise ChaiError(f"cannot cluster {heads} heads into {k} clusters: use 1..{heads}.")
+    check_cluster_count(heads, k)
     x = features.detach().float().contiguous()
     labels = torch.empty(batch, heads, dtype=torch.long, device=x.device)
     inertia = torch.empty(batch, dtype=torch.float32, device=x.device)

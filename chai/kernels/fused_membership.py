@@ -34,7 +34,7 @@ import os
 import torch
 
 from chai.clustering import Membership
-from chai.errors import ChaiError
+from chai.errors import ChaiError, check_cluster_count
 from chai.kernels.fused_kmeans import HAVE_TRITON, MAX_SIZE, _block, _warps
 
 MAX_HEADS = MAX_SIZE  # the K-Means tiles' bound
@@ -96,8 +96,7 @@ def fused_membership(q_first: torch.Tensor, k_first: torch.Tensor, scaling: floa
     kv_heads = k_first.shape[1]
     if k_first.shape[0] != batch or k_first.shape[2] != tokens or k_first.shape[3] != dim or heads % kv_heads:
         raise ChaiError(f"fused_membership: queries {list(q_first.shape)} do not fit keys {list(k_first.shape)}.")
-    if not 1 <= count <= heads:
-        raise ChaiError(f"cannot cluster {heads} heads into {count} clusters: use 1..{heads}.")
+    check_cluster_count(heads, count)
     if not min(count, kv_heads) <= width <= kv_heads:
         raise ChaiError(f"fused_membership: width {width} must lie in {min(count, kv_heads)}..{kv_heads}.")
     outputs = _outputs(batch, heads, count, width, q_first.device, out)
