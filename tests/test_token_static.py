@@ -85,3 +85,26 @@ def test_static_step_traces_with_fullgraph(tiny_llama, kind, step_kind, monkeypa
             token, position = step(token, position)
             tokens.append(token.clone())
     assert torch.equal(torch.cat(tokens, 1), dynamic)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_decode_step_applies_the_rule_once_for_every_layer(tiny_llama, kind, monkeypatch):
+    """The slots' bookkeeping is the first layer's: per decode step the keep rule and the mask's rule run once, not
+    once a layer, and every layer's slot positions are the same buffer (the tokens still equal the evicting cache's:
+    the first test)."""
+    model, _ = tiny_llama
+    method, ids = token_method(kind), random_ids(2, PROMPT, 1000, seed=7)
+    with torch.no_grad(), method.applied(model):
+        cache = method.static_cache(model, 2, PROMPT + STEPS)
+        greedy(model, ids, cache, 0)
+        calls = {"keep": 0, "visible": 0}
+        for name in calls:
+            rule = getattr(method, name)
+            monkeypatch.setattr(method, name, lambda *a, rule=rule, name=name: calls.__setitem__(name, calls[name] + 1)
+                                or rule(*a))
+        for layer in cache.layers:  # the layers hold the rule they were made with
+            layer.keep = method.keep
+        token = torch.zeros(2, 1, dtype=torch.long)
+        bench.decode_one_token(model, token, torch.full_like(token, PROMPT), cache)
+    assert model.config.num_hidden_layers > 1 and calls == {"keep": 1, "visible": 1}
+    assert len({id(layer.positions) for layer in cache.layers}) == 1

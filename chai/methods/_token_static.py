@@ -7,9 +7,13 @@ marked [B, C]). A prompt (the first forward after `reset()`) runs as in the dyna
 written to the first slots. A decode step first empties the slots the rule says no query from now on can see (what
 the dynamic layer deletes after the step before), then writes the new token into the first empty slot: slots are
 reused, so the rows are not in position order, and the attention reads the rule's mask off the slots sorted by
-position (the new token last) and scattered back. The capacity is set by the first prompt: the most tokens a request
-kept of it plus one slot for every decode step the cache has room for (`max_cache_len` - prompt), which no rule can
-exceed (a step adds one token); `TokenMethod.kv_bytes` counts the same bound. Unpadded batches only (the bench's).
+position (the new token last) and scattered back. Every layer sees the same tokens under the same rule, so the slot
+bookkeeping (positions, marks, which slot a step writes, the mask) is one set of buffers made and updated by the
+first layer; the others only write their keys and values into the slot it chose and read its mask. Done per layer,
+that bookkeeping was 27 more tensor ops a layer in every decode step (counted eagerly; the compiled step fuses
+some). The capacity is set by the first prompt: the most tokens a request kept of it plus one slot for every decode
+step the cache has room for (`max_cache_len` - prompt), which no rule can exceed (a step adds one token);
+`TokenMethod.kv_bytes` counts the same bound. Unpadded batches only (the bench's).
 """
 
 import torch
@@ -21,9 +25,9 @@ from chai.methods.base import shared_plan
 
 
 class StaticTokenLayer(TokenLayer, StaticLayer):
-    """keys/values [B, Hkv, C, D], positions [B, C] (-1: empty), marked [B, C]; `cumulative_length` (a device
-    tensor): the tokens seen, i.e. the position of the next one. keep/new_marks/on_evict/new_positions: as for
-    `TokenEvictingLayer`."""
+    """keys/values [B, Hkv, C, D], positions [B, C] (-1: empty), marked [B, C], the latter two the first layer's for
+    every layer (`shared`); `cumulative_length` (a device tensor): the tokens seen, i.e. the position of the next
+    one. keep/new_marks/on_evict/new_positions: as for `TokenEvictingLayer`."""
 
     is_croppable = False
 
@@ -31,7 +35,8 @@ class StaticTokenLayer(TokenLayer, StaticLayer):
                  shared: dict | None = None, first: bool = True):
         super().__init__(max_cache_len=max_cache_len)
         self.keep, self.new_marks, self.on_evict, self.new_positions = keep, new_marks, on_evict, new_positions
-        self.shared, self.first = ({} if shared is None else shared), first  # the prompt's plan, as the dynamic layer
+        # the prompt's plan (as the dynamic layer's), the slot buffers, each decode step's slot and mask
+        self.shared, self.first = ({} if shared is None else shared), first
         self.batch_size = batch_size
         self.capacity: int | None = None  # slots per request, set by the first prompt
         self.prefilled = False  # Python: set by a prompt, constant while decoding (a compiled step's guard)
@@ -59,10 +64,11 @@ class StaticTokenLayer(TokenLayer, StaticLayer):
                             f"steps: make a new cache for it.")
         width = min(tokens, self.capacity)
         order, used = take_columns(keep, counts, width)
-        self.positions.fill_(-1)
-        self.marked.fill_(False)
-        self.positions[:, :width] = torch.where(used, positions.gather(1, order), -1)
-        self.marked[:, :width] = marks.gather(1, order) & used
+        if self.first:  # the slot buffers are shared: the other layers' tokens are the same
+            self.positions.fill_(-1)
+            self.marked.fill_(False)
+            self.positions[:, :width] = torch.where(used, positions.gather(1, order), -1)
+            self.marked[:, :width] = marks.gather(1, order) & used
         for states, buffer in ((key_states, self.keys), (value_states, self.values)):
             index = order[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[3])
             buffer[:, :, :width] = states.gather(2, index).masked_fill(~used[:, None, :, None], 0)
@@ -88,8 +94,10 @@ class StaticTokenLayer(TokenLayer, StaticLayer):
         new = dict(dtype=self.dtype, device=self.device)
         self.keys = torch.zeros(batch, kv_heads, self.capacity, dim, **new)
         self.values = torch.zeros(batch, kv_heads, self.capacity, value_states.shape[-1], **new)
-        self.positions = torch.full((batch, self.capacity), -1, dtype=torch.long, device=self.device)
-        self.marked = torch.zeros(batch, self.capacity, dtype=torch.bool, device=self.device)
+        if self.first:
+            self.shared["slots"] = (torch.full((batch, self.capacity), -1, dtype=torch.long, device=self.device),
+                                    torch.zeros(batch, self.capacity, dtype=torch.bool, device=self.device))
+        self.positions, self.marked = self.shared["slots"]
         self.cumulative_length = self.cumulative_length.to(self.device)
         self.rows = torch.arange(batch, device=self.device)
         if not torch.compiler.is_compiling():
@@ -102,15 +110,18 @@ class StaticTokenLayer(TokenLayer, StaticLayer):
         batch, _, tokens, _ = key_states.shape
         if tokens != 1:
             raise ChaiError(f"a static token cache decodes one token a step after its prompt, got {tokens}.")
-        now = self.cumulative_length
-        keep = (self.positions >= 0) & self.keep(self.positions, self.marked, now)
-        self.positions.masked_fill_(~keep, -1)
-        self.marked.logical_and_(keep)
-        slot = (self.positions < 0).to(torch.int32).argmax(dim=1)  # [B]: the capacity guarantees one is empty
+        if self.first:  # the step's bookkeeping, for every layer; the others run after it in the same forward
+            now = self.cumulative_length
+            keep = (self.positions >= 0) & self.keep(self.positions, self.marked, now)
+            self.positions.masked_fill_(~keep, -1)
+            self.marked.logical_and_(keep)
+            slot = (self.positions < 0).to(torch.int32).argmax(dim=1)  # [B]: the capacity guarantees one is empty
+            self.positions[self.rows, slot] = now
+            self.marked[self.rows, slot] = self.new_marks(batch, 1, key_states.device)[:, 0]
+            self.shared["step"] = {"slot": slot}
+        slot = self.shared["step"]["slot"]
         self.keys[self.rows, :, slot] = key_states[:, :, 0]
         self.values[self.rows, :, slot] = value_states[:, :, 0]
-        self.positions[self.rows, slot] = now
-        self.marked[self.rows, slot] = self.new_marks(batch, 1, key_states.device)[:, 0]
         self.cumulative_length.add_(1)
         self.columns, self.returned = (self.positions, self.marked), self.keys
         return self.keys, self.values
@@ -121,9 +132,12 @@ class StaticTokenLayer(TokenLayer, StaticLayer):
         positions, marked = self.columns
         if positions is not self.positions:
             return visible(positions, marked, rows)
-        order = positions.argsort(dim=1)
-        seen = visible(positions.gather(1, order), marked.gather(1, order), 1)
-        return torch.zeros_like(seen).scatter(-1, order[:, None, None, :], seen)
+        step = self.shared["step"]
+        if "mask" not in step:  # the first layer's; the others' slots are the same
+            order = positions.argsort(dim=1)
+            seen = visible(positions.gather(1, order), marked.gather(1, order), 1)
+            step["mask"] = torch.zeros_like(seen).scatter(-1, order[:, None, None, :], seen)
+        return step["mask"]
 
     def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
         return (self.capacity if self.prefilled else query_length), 0
