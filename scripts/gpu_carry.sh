@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds .carry/ (git-ignored) for the offline GPU machine, within 64 MiB per call, working tree included:
 #   .carry/whl            wheels the machine lacks (../shared/tools/gpu-wheels.sh), 14.3 MB, and pytest at the
-#                         lock's versions (1.8 MB), so the tests that need CUDA run there: `python3 -m pytest ...`
+#                         lock's versions (1.8 MB), so the tests that need CUDA run there: `PYTHONPATH=/tmp/site:.
+#                         python3 -m pytest -o addopts= tests/test_fused_membership.py tests/test_chai_static.py
+#                         tests/test_kernels.py`, after the last GGUF part (the tiny models use SmolLM2's tokenizer)
 #   .carry/data/data.tgz  the five tasks', C4's and WikiText-2's files of ../shared/data (xz), 5.3 MB
 #   .carry/gguf_xz_a, _b, (_c)  the SmolLM2 GGUF (98.4 MB) as one xz stream (90.4 MB) in parts, SHA256 of the GGUF
 #                         beside the last. The first part fills call 1 beside whl and data, each later one a call

@@ -225,8 +225,9 @@ def test_triton_kernel_path_in_a_fresh_interpreter():
     the static and dynamic caches decode what a full forward without cache (PyTorch, row blocks) predicts."""
     root = Path(__file__).resolve().parent.parent
     done = subprocess.run([sys.executable, "-c", KERNEL_SCRIPT], cwd=root, capture_output=True, text=True,
-                          env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}, timeout=900,
-                          check=False)
+                          env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
+                              [str(root), *filter(None, [os.environ.get("PYTHONPATH")])])},  # keep the GPU's /tmp/site
+                          timeout=900, check=False)
     assert done.returncode == 0 and "KERNEL PATH OK" in done.stdout, (done.stdout + done.stderr)[-4000:]
 
 
