@@ -63,7 +63,8 @@ def arange(n: int, device) -> torch.Tensor:
         return torch.arange(n, device=device)
     kept = _ARANGES.get(device)
     if kept is None or kept.numel() < n:
-        kept = _ARANGES[device] = torch.arange(max(n, 4096), device=device)
+        with torch.inference_mode(False):  # a normal tensor: made under inference mode it could not index later
+            kept = _ARANGES[device] = torch.arange(max(n, 4096), device=device)  # autograd-recorded work
     return kept[:n]
 
 
