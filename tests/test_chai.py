@@ -315,8 +315,11 @@ def test_pick_copies_each_requests_heads_in_every_layout(dtype, layout):
          "odd_width": base[..., :width].transpose(1, 2)}[layout]  # [B, H, T, D]
     index = torch.tensor([[5, 0, 0, 2], [1, 1, 3, 4], [2, 5, 0, 1]])
     expected = torch.stack([x[b][index[b]] for b in range(3)])
-    picked = pick(x, index)
-    assert torch.equal(picked.view(torch.uint8), expected.contiguous().view(torch.uint8))
-    assert picked.transpose(1, 2).is_contiguous() == (layout != "contiguous")  # tokens-major stays tokens-major
+    for tokens_major in (False, True):
+        picked = pick(x, index, tokens_major)
+        assert torch.equal(picked.view(torch.uint8), expected.contiguous().view(torch.uint8))
+        # asked for, a tokens-major x stays tokens-major; else the copy is heads-major
+        assert picked.transpose(1, 2).is_contiguous() == (tokens_major and layout != "contiguous")
+        assert picked.is_contiguous() == (not tokens_major or layout == "contiguous")
     words = layout in ("contiguous", "transposed", "offset") and dtype != torch.float64
     assert (as_words(x).dtype == torch.int64) == words
