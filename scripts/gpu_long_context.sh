@@ -137,16 +137,16 @@ with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             except Exception as error:
                 print(f"skip  {grid}: {str(error).splitlines()[0]}")
                 continue
+        task_cfgs = {t: compose(config_name="config", overrides=[*base, f"task={t}"]).task for t in tasks}
         for batch, group in batches(lengths, cfg):
             for t in tasks:
-                task_cfg = compose(config_name="config", overrides=[*base, f"task={t}"]).task
                 for m in methods:
                     todo = [x for x in group or [None] if not recorded_already(base, m, t, x, batch)]
                     done += len(group or [None]) - len(todo)
                     needed.update((t, x) for x in todo)
                     shown = (f" task.length={','.join(todo)}" if group else "") + f" eval.batch_size={batch}"
                     line = " ".join([f"long_context={grid} method={m} task={t}{shown}", *mine])
-                    stages += [(seconds(todo, m, task_cfg, int(cfg.eval.max_length)), line)] if todo else []
+                    stages += [(seconds(todo, m, task_cfgs[t], int(cfg.eval.max_length)), line)] if todo else []
         for task in tasks:
             for length in lengths or [None]:
                 if (task, length) not in needed:  # every method's cell recorded: no file to make

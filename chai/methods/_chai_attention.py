@@ -55,8 +55,8 @@ _ARANGES: dict[torch.device, torch.Tensor] = {}
 
 
 def arange(n: int, device) -> torch.Tensor:
-    """torch.arange(n, device=device) as a view of one kept range per device: each pick needed two fresh ones, two
-    of the ~17 launches a layer that CHAI's eager prefill added to MHA's. Made fresh under capture or tracing,
+    """torch.arange(n, device=device) as a view of one kept range per device: each pick needed one or two fresh
+    ones, launches among the ~17 a layer that CHAI's eager prefill added to MHA's. Made fresh under capture or tracing,
     where a kept tensor would hold values a graph has not computed yet."""
     if torch.compiler.is_compiling():  # first: dynamo cannot trace is_current_stream_capturing (returns a bool)
         return torch.arange(n, device=device)
